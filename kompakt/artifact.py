@@ -1,0 +1,373 @@
+"""The on-disk artifact: a directory holding ``model.safetensors`` and ``kompakt.json``.
+
+``model.safetensors`` holds plain tensors only (compressed layers keep their compressed
+tensors). ``kompakt.json`` holds the format version, the kompakt version, the source model
+(how to build its architecture and the sha256 of its weights), the ordered list of steps
+applied with their configs and metrics, the structural plan that turns the base
+architecture into this model, and one entry per layer with its encoding.
+
+Rebuilding = base architecture (a registered model factory or a transformers config and
+class) + the plan + the tensors. Nothing is ever unpickled. Writes are atomic: everything is
+written to a temporary directory beside the target, fsynced, then renamed into place.
+No other module writes model files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kompakt.errors import KompaktError
+
+FORMAT = "kompakt-artifact"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "kompakt.json"
+RECORD_ATTR = "kompakt_record"
+
+
+@dataclasses.dataclass
+class Record:
+    """What a model carries so that it can be saved and rebuilt.
+
+    ``source`` says how to build the base architecture: ``{"kind": "registry", "name", "kwargs"}``
+    or ``{"kind": "transformers", "class", "config"}``, plus a human ``label``.
+    ``plan`` lists the structural changes applied to the base, in order; each entry has a
+    ``kind`` handled by a function registered with :func:`plan_step`.
+    """
+
+    source: dict[str, Any]
+    source_sha256: str | None = None
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    plan: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+# --- plan steps: structural changes recorded by compressors, replayed on load -------------
+
+PlanHandler = Callable[[nn.Module, dict[str, Any]], None]
+_PLAN_HANDLERS: dict[str, PlanHandler] = {}
+
+
+def plan_step(kind: str) -> Callable[[PlanHandler], PlanHandler]:
+    """Register the function that replays plan entries of ``kind`` on a freshly built model."""
+
+    def register(fn: PlanHandler) -> PlanHandler:
+        if kind in _PLAN_HANDLERS:
+            raise ValueError(f"plan step kind {kind!r} is registered twice")
+        _PLAN_HANDLERS[kind] = fn
+        return fn
+
+    return register
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+def attach_record(model: nn.Module, record: Record) -> nn.Module:
+    """Attach ``record`` to ``model`` (a plain attribute, so deepcopy keeps it)."""
+    object.__setattr__(model, RECORD_ATTR, record)
+    return model
+
+
+def record_of(model: nn.Module) -> Record:
+    """The model's record; transformers models get one from their config on first use."""
+    record = getattr(model, RECORD_ATTR, None)
+    if record is not None:
+        return record
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = ()  # noqa: N806
+    if isinstance(model, PreTrainedModel):
+        return attach_record(model, Record(source=transformers_source(model)))
+    raise KompaktError(
+        f"cannot save a {type(model).__name__}: kompakt does not know how to rebuild its "
+        "architecture; build it with kompakt.models.build(name) or use a transformers model"
+    )
+
+
+def transformers_source(model: nn.Module, label: str | None = None) -> dict[str, Any]:
+    """A source entry for a transformers model: its class name and full config."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    return {
+        "kind": "transformers",
+        "class": type(model).__name__,
+        "config": config,
+        "label": label or type(model).__name__,
+    }
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def step(model: nn.Module, method: str, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Record one step applied to ``model``; the body fills the yielded metrics dict.
+
+    The source weights' sha256 is taken on entry to the first recorded step. The step is
+    appended only if the body finishes.
+    """
+    record = record_of(model)
+    if record.source_sha256 is None:
+        record.source_sha256 = weights_sha256(model)
+    metrics: dict[str, Any] = {}
+    yield metrics
+    record.steps.append({"method": method, "config": config, "metrics": metrics})
+
+
+# --- save ---------------------------------------------------------------------------------
+
+
+def _layer_entries(model: nn.Module, stored: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """One entry per module that owns tensors: its type, encoding and logical sizes.
+
+    A compressed module describes itself with ``kompakt_encoding()`` returning at least
+    ``method``, ``params`` (logical parameter count) and ``fp32_bytes`` (its size as dense fp32).
+    """
+    layers = []
+    for name, module in model.named_modules():
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        own += [
+            n
+            for n, _ in module.named_buffers(recurse=False)
+            if n not in module._non_persistent_buffers_set
+        ]
+        keys = [f"{name}.{n}" if name else n for n in own]
+        keys = [k for k in keys if k in stored]
+        if not keys:
+            continue
+        if hasattr(module, "kompakt_encoding"):
+            encoding = dict(module.kompakt_encoding())
+        else:
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            fp32 = sum(
+                t.numel() * (4 if t.is_floating_point() else t.element_size())
+                for t in (stored[k] for k in keys)
+            )
+            encoding = {"method": "dense", "params": params, "fp32_bytes": fp32}
+        layers.append({"name": name, "type": type(module).__name__, "tensors": keys, **encoding})
+    return layers
+
+
+def _split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory once; the other names become aliases of the first."""
+    first_by_ptr: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in first_by_ptr:
+            aliases[name] = first_by_ptr[key]
+            continue
+        first_by_ptr[key] = name
+        tensors[name] = tensor.detach().cpu().contiguous().clone()
+    return tensors, aliases
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Save ``model`` as an artifact directory at ``path`` (atomically) and return the path.
+
+    An existing directory is replaced only with ``overwrite=True``; until the new artifact is
+    complete the old one stays untouched.
+    """
+    from kompakt import __version__
+
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise KompaktError(f"{target}: already exists; pass overwrite=True or choose another path")
+    if target.exists() and not (target / MANIFEST_FILE).is_file():
+        raise KompaktError(f"{target}: exists and is not a kompakt artifact; refusing to replace it")
+    record = record_of(model)
+    state = model.state_dict()
+    tensors, aliases = _split_aliases(state)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kompakt_version": __version__,
+        "source": record.source,
+        "source_sha256": record.source_sha256 or weights_sha256(model),
+        "steps": record.steps,
+        "plan": record.plan,
+        "aliases": aliases,
+        "layers": _layer_entries(model, {**tensors, **{a: state[a] for a in aliases}}),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        for f in (WEIGHTS_FILE, MANIFEST_FILE):
+            _fsync(tmp / f)
+        _fsync(tmp)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# --- load ---------------------------------------------------------------------------------
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``kompakt.json`` of the artifact at ``path``."""
+    root = Path(path)
+    if not root.exists():
+        raise KompaktError(f"{root}: no such artifact directory; pass a directory written by kompakt.save")
+    if not root.is_dir():
+        raise KompaktError(f"{root}: is a file, not an artifact directory; pass the directory that holds {MANIFEST_FILE}")
+    file = root / MANIFEST_FILE
+    if not file.is_file():
+        raise KompaktError(f"{file}: missing; {root} is not a kompakt artifact (re-create it with kompakt.save)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KompaktError(f"{file}: corrupt ({e}); re-create the artifact with kompakt.save") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise KompaktError(f"{file}: not a kompakt artifact manifest (no \"format\": \"{FORMAT}\")")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        from kompakt import __version__
+
+        raise KompaktError(
+            f"{file}: artifact format version {version!r} is not supported by kompakt "
+            f"{__version__} (it reads version {FORMAT_VERSION}); use the kompakt that wrote it "
+            "or re-create the artifact"
+        )
+    for field in ("source", "steps", "plan", "aliases", "layers"):
+        if field not in manifest:
+            raise KompaktError(f"{file}: field {field!r} is missing; re-create the artifact")
+    return manifest
+
+
+def read_weights_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The tensor table of a safetensors file (dtype, shape, byte range), checked against its size.
+
+    A truncated or corrupt file raises :class:`KompaktError` naming the file.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise KompaktError(f"{file}: missing; re-create the artifact with kompakt.save")
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise KompaktError(f"{file}: truncated ({size} bytes); re-create the artifact")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise KompaktError(f"{file}: truncated or corrupt (header of {n} bytes in a {size}-byte file); re-create the artifact")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise KompaktError(f"{file}: corrupt header ({e}); re-create the artifact") from e
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end != size:
+        raise KompaktError(
+            f"{file}: truncated or corrupt ({size} bytes, the header describes {8 + n + end}); "
+            "re-create the artifact"
+        )
+    return header
+
+
+def build_base(source: dict[str, Any], where: str = "source") -> nn.Module:
+    """Build the base architecture named by a manifest's ``source`` entry (random weights)."""
+    kind = source.get("kind")
+    if kind == "registry":
+        from kompakt.models import build
+
+        return build(source["name"], **source.get("kwargs", {}))
+    if kind == "transformers":
+        import transformers
+
+        cls = getattr(transformers, str(source.get("class")), None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise KompaktError(f"{where}: {source.get('class')!r} is not a transformers model class")
+        config = cls.config_class.from_dict(source["config"])
+        return cls(config)
+    raise KompaktError(f"{where}: unknown source kind {kind!r} (known: registry, transformers)")
+
+
+def _tie(model: nn.Module, alias: str, target: str) -> None:
+    owner_name, _, leaf = alias.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    tensor = model.get_parameter(target) if leaf in owner._parameters else model.get_buffer(target)
+    setattr(owner, leaf, tensor)
+
+
+def load(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild the model saved at ``path`` (in eval mode), with its record attached."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    where = str(root / MANIFEST_FILE)
+    read_weights_header(root / WEIGHTS_FILE)
+    model = build_base(manifest["source"], where)
+    for i, entry in enumerate(manifest["plan"]):
+        handler = _PLAN_HANDLERS.get(entry.get("kind"))
+        if handler is None:
+            raise KompaktError(
+                f"{where}: plan[{i}] has kind {entry.get('kind')!r}, which this kompakt cannot "
+                f"replay (known: {', '.join(sorted(_PLAN_HANDLERS)) or 'none'})"
+            )
+        handler(model, entry)
+    try:
+        tensors = load_file(str(root / WEIGHTS_FILE))
+    except Exception as e:  # safetensors raises its own error types
+        raise KompaktError(f"{root / WEIGHTS_FILE}: unreadable ({e}); re-create the artifact") from e
+    aliases = manifest["aliases"]
+    for alias, target in aliases.items():
+        tensors[alias] = tensors[target]
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise KompaktError(
+            f"{root / WEIGHTS_FILE}: tensors do not match the rebuilt architecture "
+            f"({' '.join(first[:3])}); the artifact is inconsistent, re-create it"
+        ) from e
+    for alias, target in aliases.items():
+        _tie(model, alias, target)
+    record = Record(
+        source=manifest["source"],
+        source_sha256=manifest["source_sha256"],
+        steps=manifest["steps"],
+        plan=manifest["plan"],
+    )
+    return attach_record(model.eval(), record)

@@ -1,0 +1,1 @@
+"""The compressors: ``prune`` (OTOv3), ``quantize`` (JLCM) and ``boost`` (GBNN)."""

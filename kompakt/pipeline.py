@@ -1,0 +1,173 @@
+"""``kompakt pipeline``: run a recipe (YAML) of stages on one model, in order.
+
+A recipe names the output folder, the seed for the model's initial weights, the model (a registered architecture) and the data, then
+lists stages, each ``{stage_name: {config fields}}``. Stages are registered with
+:func:`stage` and receive the shared :class:`PipelineState` and their validated config.
+With no recipe, the built-in ``recipes/demo.yaml`` runs (what ``make demo`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from kompakt import artifact
+from kompakt.config import check, from_mapping, to_dict
+from kompakt.errors import KompaktError
+from kompakt.train import TrainConfig, accuracy, train_classifier
+
+RECIPE_FIELDS = ("out", "seed", "model", "data", "stages")
+DATASETS = ("fashion-mnist",)
+
+
+@dataclasses.dataclass
+class PipelineState:
+    """What the stages share: the output folder, the current model, the data and a logger."""
+
+    out: Path
+    model: nn.Module
+    dataset: str
+    log: Callable[[str], None] = print
+    _data: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+    def data(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, labels)`` of ``split``, loaded once."""
+        if split not in self._data:
+            from kompakt.data import fashion_mnist
+
+            self._data[split] = fashion_mnist(split)
+        return self._data[split]
+
+
+Stage = Callable[[PipelineState, Any], None]
+_STAGES: dict[str, tuple[type, Stage]] = {}
+
+
+def stage(name: str, config_cls: type) -> Callable[[Stage], Stage]:
+    """Register a pipeline stage ``name`` whose recipe fields build ``config_cls``."""
+
+    def register(fn: Stage) -> Stage:
+        if name in _STAGES:
+            raise ValueError(f"pipeline stage {name!r} is registered twice")
+        _STAGES[name] = (config_cls, fn)
+        return fn
+
+    return register
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Top-1 accuracy on a split (``test`` or ``train``)."""
+
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        check(self.split in ("train", "test"), f"split must be 'train' or 'test', got {self.split!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveConfig:
+    """Save the current model as an artifact in ``<out>/<name>`` and print its inspection."""
+
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, f"name must be a plain folder name, got {self.name!r}")
+
+
+@stage("train", TrainConfig)
+def _train(state: PipelineState, config: TrainConfig) -> None:
+    images, labels = state.data("train")
+    n = len(images) if config.limit is None else min(config.limit, len(images))
+    state.log(f"[train] {config.epochs} epoch(s) on {n:,} {state.dataset} examples")
+    with artifact.step(state.model, "train", to_dict(config)) as metrics:
+        metrics.update(train_classifier(state.model, images, labels, config))
+    state.log(f"[train] final epoch loss {metrics['train_loss']:.4f}")
+
+
+@stage("evaluate", EvaluateConfig)
+def _evaluate(state: PipelineState, config: EvaluateConfig) -> None:
+    acc = accuracy(state.model, *state.data(config.split))
+    steps = artifact.record_of(state.model).steps
+    if steps:
+        steps[-1]["metrics"][f"{config.split}_accuracy"] = acc
+    state.log(f"[evaluate] {config.split} accuracy: {acc:.2%}")
+
+
+@stage("save", SaveConfig)
+def _save(state: PipelineState, config: SaveConfig) -> None:
+    from kompakt.summary import format_inspection, inspect_artifact
+
+    path = artifact.save(state.model, state.out / config.name, overwrite=True)
+    state.log(f"[save] {path}")
+    state.log(format_inspection(inspect_artifact(path)))
+
+
+def load_recipe(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """``(where, recipe mapping)`` from a YAML file, or the built-in demo recipe."""
+    if path is None:
+        where = "built-in recipe demo.yaml"
+        text = resources.files("kompakt").joinpath("recipes/demo.yaml").read_text()
+    else:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise KompaktError(f"{path}: cannot read recipe ({e.strerror})") from e
+    try:
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise KompaktError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(recipe, dict):
+        raise KompaktError(f"{where}: a recipe is a mapping with fields {', '.join(RECIPE_FIELDS)}")
+    unknown = sorted(set(recipe) - set(RECIPE_FIELDS))
+    if unknown:
+        raise KompaktError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(RECIPE_FIELDS)}")
+    return where, recipe
+
+
+def _parse_stages(where: str, stages: Any) -> list[tuple[str, Stage, Any]]:
+    if not isinstance(stages, list) or not stages:
+        raise KompaktError(f"{where}: 'stages' must be a non-empty list of {{stage: {{...}}}} items")
+    parsed = []
+    for i, item in enumerate(stages):
+        if not (isinstance(item, dict) and len(item) == 1):
+            raise KompaktError(f"{where}: stages[{i}] must be a one-key mapping like {{train: {{epochs: 3}}}}")
+        ((name, values),) = item.items()
+        if name not in _STAGES:
+            raise KompaktError(f"{where}: stages[{i}]: unknown stage {name!r}; known: {', '.join(sorted(_STAGES))}")
+        if values is not None and not isinstance(values, dict):
+            raise KompaktError(f"{where}: stages[{i}].{name} must be a mapping of config fields")
+        config_cls, fn = _STAGES[name]
+        parsed.append((name, fn, from_mapping(config_cls, values, f"{where}: stages[{i}].{name}")))
+    return parsed
+
+
+def run_pipeline(
+    recipe_path: str | Path | None = None, out: str | Path | None = None, log: Callable[[str], None] = print
+) -> PipelineState:
+    """Run a recipe end to end; every stage config is validated before anything runs."""
+    from kompakt.models import build
+
+    where, recipe = load_recipe(recipe_path)
+    stages = _parse_stages(where, recipe.get("stages"))
+    model_spec = recipe.get("model")
+    if not (isinstance(model_spec, dict) and "name" in model_spec):
+        raise KompaktError(f"{where}: 'model' must be a mapping with a 'name' (and the factory's arguments)")
+    dataset = recipe.get("data", "fashion-mnist")
+    if dataset not in DATASETS:
+        raise KompaktError(f"{where}: unknown data {dataset!r}; known: {', '.join(DATASETS)}")
+    torch.manual_seed(int(recipe.get("seed", 0)))
+    kwargs = {k: v for k, v in model_spec.items() if k != "name"}
+    state = PipelineState(Path(out or recipe.get("out") or "out/pipeline"), build(model_spec["name"], **kwargs),
+                          dataset, log)
+    for _name, fn, config in stages:
+        fn(state, config)
+    return state

@@ -1,0 +1,1 @@
+"""Runtimes for exported models; imports neither torch nor ``kompakt.compress``."""

@@ -1,0 +1,94 @@
+"""Training and evaluating classifiers on in-memory tensors (the reference CNN, boosted heads)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kompakt.config import check
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """SGD with Nesterov momentum under a one-cycle learning-rate schedule.
+
+    epochs: passes over the training set. batch_size: examples per step. lr: peak learning
+    rate. momentum, weight_decay: SGD settings. seed: shuffling and initialisation seed.
+    limit: train on only the first ``limit`` examples (None: all).
+    """
+
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        check(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+
+
+def train_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train ``model`` in place with cross-entropy; returns the last epoch's mean loss."""
+    if config.limit is not None:
+        images, labels = images[: config.limit], labels[: config.limit]
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = math.ceil(len(images) / config.batch_size)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    mean_loss = float("nan")
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(images), generator=generator)
+        total, seen = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"train epoch {epoch + 1}/{config.epochs}",
+                   disable=None if progress else True, leave=False)
+        for i in bar:
+            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+            loss = loss_fn(model(images[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        mean_loss = total / seen
+    model.eval()
+    return {"train_loss": mean_loss}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 100) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on ``images``."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        correct += (model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / len(images)
