@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kompakt-installed
 DEBIAN_PACKAGES := dataset-fashion-mnist gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test clean
 
 setup: $(STAMP)
 
@@ -29,10 +29,8 @@ demo: setup
 	$(VENV)/bin/kompakt pipeline
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
-
-lint: setup
-	$(VENV)/bin/ruff check kompakt tests benchmarks scripts
 
 clean:
 	rm -rf out

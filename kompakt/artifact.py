@@ -92,7 +92,9 @@ def record_of(model: nn.Module) -> Record:
     except ImportError:  # pragma: no cover - transformers is a dependency
         PreTrainedModel = ()  # noqa: N806
     if isinstance(model, PreTrainedModel):
-        return attach_record(model, Record(source=transformers_source(model)))
+        record = Record(source=transformers_source(model))
+        attach_record(model, record)
+        return record
     raise KompaktError(
         f"cannot save a {type(model).__name__}: kompakt does not know how to rebuild its "
         "architecture; build it with kompakt.models.build(name) or use a transformers model"
@@ -139,38 +141,47 @@ def step(model: nn.Module, method: str, config: dict[str, Any]) -> Iterator[dict
 # --- save ---------------------------------------------------------------------------------
 
 
-def _layer_entries(model: nn.Module, stored: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+def _layer_entries(
+    model: nn.Module, stored: dict[str, torch.Tensor], aliases: dict[str, str]
+) -> list[dict[str, Any]]:
     """One entry per module that owns tensors: its type, encoding and logical sizes.
 
     A compressed module describes itself with ``kompakt_encoding()`` returning at least
     ``method``, ``params`` (logical parameter count) and ``fp32_bytes`` (its size as dense fp32).
+    A module whose tensors are all aliases of another's (tied weights) has method ``tied``.
     """
     layers = []
     for name, module in model.named_modules():
-        own = [n for n, _ in module.named_parameters(recurse=False)]
-        own += [
-            n
+        prefix = f"{name}." if name else ""
+        params = [prefix + n for n, _ in module.named_parameters(recurse=False)]
+        buffers = [
+            prefix + n
             for n, _ in module.named_buffers(recurse=False)
             if n not in module._non_persistent_buffers_set
         ]
-        keys = [f"{name}.{n}" if name else n for n in own]
-        keys = [k for k in keys if k in stored]
+        keys = [k for k in params + buffers if k in stored or k in aliases]
         if not keys:
             continue
         if hasattr(module, "kompakt_encoding"):
             encoding = dict(module.kompakt_encoding())
+        elif all(k in aliases for k in keys):
+            encoding = {"method": "tied", "params": 0, "fp32_bytes": 0, "tied_to": aliases[keys[0]]}
         else:
-            params = sum(p.numel() for p in module.parameters(recurse=False))
-            fp32 = sum(
-                t.numel() * (4 if t.is_floating_point() else t.element_size())
-                for t in (stored[k] for k in keys)
-            )
-            encoding = {"method": "dense", "params": params, "fp32_bytes": fp32}
+            own = [stored[k] for k in keys if k in stored]
+            encoding = {
+                "method": "dense",
+                "params": sum(stored[k].numel() for k in params if k in stored),
+                "fp32_bytes": sum(
+                    t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in own
+                ),
+            }
         layers.append({"name": name, "type": type(module).__name__, "tensors": keys, **encoding})
     return layers
 
 
-def _split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _split_aliases(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Store tensors that share memory once; the other names become aliases of the first."""
     first_by_ptr: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -205,7 +216,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
     if target.exists() and not overwrite:
         raise KompaktError(f"{target}: already exists; pass overwrite=True or choose another path")
     if target.exists() and not (target / MANIFEST_FILE).is_file():
-        raise KompaktError(f"{target}: exists and is not a kompakt artifact; refusing to replace it")
+        raise KompaktError(
+            f"{target}: exists and is not a kompakt artifact; refusing to replace it"
+        )
     record = record_of(model)
     state = model.state_dict()
     tensors, aliases = _split_aliases(state)
@@ -218,7 +231,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
         "steps": record.steps,
         "plan": record.plan,
         "aliases": aliases,
-        "layers": _layer_entries(model, {**tensors, **{a: state[a] for a in aliases}}),
+        "layers": _layer_entries(model, tensors, aliases),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -250,18 +263,26 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check ``kompakt.json`` of the artifact at ``path``."""
     root = Path(path)
     if not root.exists():
-        raise KompaktError(f"{root}: no such artifact directory; pass a directory written by kompakt.save")
+        raise KompaktError(
+            f"{root}: no such artifact directory; pass a directory written by kompakt.save"
+        )
     if not root.is_dir():
-        raise KompaktError(f"{root}: is a file, not an artifact directory; pass the directory that holds {MANIFEST_FILE}")
+        raise KompaktError(
+            f"{root}: is a file, not an artifact directory; pass the directory that holds {MANIFEST_FILE}"
+        )
     file = root / MANIFEST_FILE
     if not file.is_file():
-        raise KompaktError(f"{file}: missing; {root} is not a kompakt artifact (re-create it with kompakt.save)")
+        raise KompaktError(
+            f"{file}: missing; {root} is not a kompakt artifact (re-create it with kompakt.save)"
+        )
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KompaktError(f"{file}: corrupt ({e}); re-create the artifact with kompakt.save") from e
+        raise KompaktError(
+            f"{file}: corrupt ({e}); re-create the artifact with kompakt.save"
+        ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise KompaktError(f"{file}: not a kompakt artifact manifest (no \"format\": \"{FORMAT}\")")
+        raise KompaktError(f'{file}: not a kompakt artifact manifest (no "format": "{FORMAT}")')
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         from kompakt import __version__
@@ -292,7 +313,9 @@ def read_weights_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any
             raise KompaktError(f"{file}: truncated ({size} bytes); re-create the artifact")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise KompaktError(f"{file}: truncated or corrupt (header of {n} bytes in a {size}-byte file); re-create the artifact")
+            raise KompaktError(
+                f"{file}: truncated or corrupt (header of {n} bytes in a {size}-byte file); re-create the artifact"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -319,7 +342,9 @@ def build_base(source: dict[str, Any], where: str = "source") -> nn.Module:
 
         cls = getattr(transformers, str(source.get("class")), None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            raise KompaktError(f"{where}: {source.get('class')!r} is not a transformers model class")
+            raise KompaktError(
+                f"{where}: {source.get('class')!r} is not a transformers model class"
+            )
         config = cls.config_class.from_dict(source["config"])
         return cls(config)
     raise KompaktError(f"{where}: unknown source kind {kind!r} (known: registry, transformers)")
@@ -350,7 +375,9 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     try:
         tensors = load_file(str(root / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises its own error types
-        raise KompaktError(f"{root / WEIGHTS_FILE}: unreadable ({e}); re-create the artifact") from e
+        raise KompaktError(
+            f"{root / WEIGHTS_FILE}: unreadable ({e}); re-create the artifact"
+        ) from e
     aliases = manifest["aliases"]
     for alias, target in aliases.items():
         tensors[alias] = tensors[target]

@@ -34,17 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kompakt {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback on errors")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback on errors",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("inspect", parents=[common], help="layers, encodings and sizes of an artifact")
+    p = commands.add_parser(
+        "inspect", parents=[common], help="layers, encodings and sizes of an artifact"
+    )
     p.add_argument("artifact", help="artifact directory (holds kompakt.json and model.safetensors)")
     p.set_defaults(func=_inspect)
 
-    p = commands.add_parser("pipeline", parents=[common],
-                            help="run a recipe of stages (default: the built-in demo)")
+    p = commands.add_parser(
+        "pipeline", parents=[common], help="run a recipe of stages (default: the built-in demo)"
+    )
     p.add_argument("recipe", nargs="?", help="recipe YAML file (default: built-in demo.yaml)")
     p.add_argument("--out", help="output folder (overrides the recipe's 'out')")
     p.set_defaults(func=_pipeline)

@@ -1,7 +1,7 @@
 """``kompakt pipeline``: run a recipe (YAML) of stages on one model, in order.
 
-A recipe names the output folder, the seed for the model's initial weights, the model (a registered architecture) and the data, then
-lists stages, each ``{stage_name: {config fields}}``. Stages are registered with
+A recipe names the output folder, the seed for the model's initial weights, the model (a
+registered architecture) and the data, then lists stages, each ``{stage_name: {config fields}}``. Stages are registered with
 :func:`stage` and receive the shared :class:`PipelineState` and their validated config.
 With no recipe, the built-in ``recipes/demo.yaml`` runs (what ``make demo`` does).
 """
@@ -69,7 +69,9 @@ class EvaluateConfig:
     split: str = "test"
 
     def __post_init__(self) -> None:
-        check(self.split in ("train", "test"), f"split must be 'train' or 'test', got {self.split!r}")
+        check(
+            self.split in ("train", "test"), f"split must be 'train' or 'test', got {self.split!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,10 @@ class SaveConfig:
     name: str = "model"
 
     def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, f"name must be a plain folder name, got {self.name!r}")
+        check(
+            bool(self.name) and "/" not in self.name,
+            f"name must be a plain folder name, got {self.name!r}",
+        )
 
 
 @stage("train", TrainConfig)
@@ -129,20 +134,28 @@ def load_recipe(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
         raise KompaktError(f"{where}: a recipe is a mapping with fields {', '.join(RECIPE_FIELDS)}")
     unknown = sorted(set(recipe) - set(RECIPE_FIELDS))
     if unknown:
-        raise KompaktError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(RECIPE_FIELDS)}")
+        raise KompaktError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(RECIPE_FIELDS)}"
+        )
     return where, recipe
 
 
 def _parse_stages(where: str, stages: Any) -> list[tuple[str, Stage, Any]]:
     if not isinstance(stages, list) or not stages:
-        raise KompaktError(f"{where}: 'stages' must be a non-empty list of {{stage: {{...}}}} items")
+        raise KompaktError(
+            f"{where}: 'stages' must be a non-empty list of {{stage: {{...}}}} items"
+        )
     parsed = []
     for i, item in enumerate(stages):
         if not (isinstance(item, dict) and len(item) == 1):
-            raise KompaktError(f"{where}: stages[{i}] must be a one-key mapping like {{train: {{epochs: 3}}}}")
+            raise KompaktError(
+                f"{where}: stages[{i}] must be a one-key mapping like {{train: {{epochs: 3}}}}"
+            )
         ((name, values),) = item.items()
         if name not in _STAGES:
-            raise KompaktError(f"{where}: stages[{i}]: unknown stage {name!r}; known: {', '.join(sorted(_STAGES))}")
+            raise KompaktError(
+                f"{where}: stages[{i}]: unknown stage {name!r}; known: {', '.join(sorted(_STAGES))}"
+            )
         if values is not None and not isinstance(values, dict):
             raise KompaktError(f"{where}: stages[{i}].{name} must be a mapping of config fields")
         config_cls, fn = _STAGES[name]
@@ -151,7 +164,9 @@ def _parse_stages(where: str, stages: Any) -> list[tuple[str, Stage, Any]]:
 
 
 def run_pipeline(
-    recipe_path: str | Path | None = None, out: str | Path | None = None, log: Callable[[str], None] = print
+    recipe_path: str | Path | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
 ) -> PipelineState:
     """Run a recipe end to end; every stage config is validated before anything runs."""
     from kompakt.models import build
@@ -160,14 +175,20 @@ def run_pipeline(
     stages = _parse_stages(where, recipe.get("stages"))
     model_spec = recipe.get("model")
     if not (isinstance(model_spec, dict) and "name" in model_spec):
-        raise KompaktError(f"{where}: 'model' must be a mapping with a 'name' (and the factory's arguments)")
+        raise KompaktError(
+            f"{where}: 'model' must be a mapping with a 'name' (and the factory's arguments)"
+        )
     dataset = recipe.get("data", "fashion-mnist")
     if dataset not in DATASETS:
         raise KompaktError(f"{where}: unknown data {dataset!r}; known: {', '.join(DATASETS)}")
     torch.manual_seed(int(recipe.get("seed", 0)))
     kwargs = {k: v for k, v in model_spec.items() if k != "name"}
-    state = PipelineState(Path(out or recipe.get("out") or "out/pipeline"), build(model_spec["name"], **kwargs),
-                          dataset, log)
+    state = PipelineState(
+        Path(out or recipe.get("out") or "out/pipeline"),
+        build(model_spec["name"], **kwargs),
+        dataset,
+        log,
+    )
     for _name, fn, config in stages:
         fn(state, config)
     return state

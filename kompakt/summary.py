@@ -28,6 +28,8 @@ def inspect_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"which {WEIGHTS_FILE} lacks; re-create the artifact"
             )
         encoding = layer["method"] + (f" {layer['bits']}-bit" if "bits" in layer else "")
+        if layer["method"] == "tied":
+            encoding = f"tied to {layer['tied_to']}"
         rows.append(
             {
                 "name": layer["name"] or "(root)",
@@ -47,8 +49,12 @@ def inspect_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
         "ratio_vs_fp32": fp32 / stored if stored else float("nan"),
         "ratio_vs_fp16": fp32 / 2 / stored if stored else float("nan"),
     }
-    return {"source": manifest["source"].get("label"), "steps": manifest["steps"],
-            "rows": rows, "totals": totals}
+    return {
+        "source": manifest["source"].get("label"),
+        "steps": manifest["steps"],
+        "rows": rows,
+        "totals": totals,
+    }
 
 
 def _human(n: int) -> str:
@@ -69,13 +75,19 @@ def format_inspection(info: dict[str, Any]) -> str:
     """The inspection as a plain-text table."""
     headers = ("layer", "type", "encoding", "params", "bytes")
     body = [
-        (r["name"], r["type"], r["encoding"], f"{r['params']:,}", f"{r['bytes']:,}") for r in info["rows"]
+        (r["name"], r["type"], r["encoding"], f"{r['params']:,}", f"{r['bytes']:,}")
+        for r in info["rows"]
     ]
-    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(row[i]) for row in body)) if body else len(h)
+        for i, h in enumerate(headers)
+    ]
     align = ("<", "<", "<", ">", ">")
 
     def line(cells) -> str:
-        return "  ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip()
+        return "  ".join(
+            f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths, strict=True)
+        ).rstrip()
 
     t = info["totals"]
     out = [f"source: {info['source']}"]

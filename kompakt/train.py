@@ -65,8 +65,12 @@ def train_classifier(
     for epoch in range(config.epochs):
         order = torch.randperm(len(images), generator=generator)
         total, seen = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"train epoch {epoch + 1}/{config.epochs}",
-                   disable=None if progress else True, leave=False)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"train epoch {epoch + 1}/{config.epochs}",
+            disable=None if progress else True,
+            leave=False,
+        )
         for i in bar:
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
             loss = loss_fn(model(images[idx]), labels[idx])
@@ -83,12 +87,16 @@ def train_classifier(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 100) -> float:
+def accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 100
+) -> float:
     """Top-1 accuracy of ``model`` (in eval mode) on ``images``."""
     was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
-        correct += (model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
+        correct += (
+            (model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
+        )
     model.train(was_training)
     return correct / len(images)

@@ -20,8 +20,16 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 MEAN, STD = 0.2860, 0.3530
 
@@ -38,14 +46,18 @@ def read_idx(path: Path) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise KompaktError(f"{path}: not a readable gzip file ({e}); reinstall dataset-fashion-mnist") from e
+        raise KompaktError(
+            f"{path}: not a readable gzip file ({e}); reinstall dataset-fashion-mnist"
+        ) from e
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise KompaktError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise KompaktError(f"{path}: truncated ({body.size} values, header says {int(np.prod(dims))})")
+        raise KompaktError(
+            f"{path}: truncated ({body.size} values, header says {int(np.prod(dims))})"
+        )
     return body.reshape(dims)
 
 

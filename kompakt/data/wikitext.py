@@ -57,5 +57,7 @@ def wikitext2_windows(
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise KompaktError(f"WikiText-2 {split}: {len(ids)} tokens is less than one window of {window}")
+        raise KompaktError(
+            f"WikiText-2 {split}: {len(ids)} tokens is less than one window of {window}"
+        )
     return torch.tensor(ids[: n * window], dtype=torch.long).view(n, window)

@@ -31,7 +31,8 @@ class BasicBlock(nn.Module):
 
 
 class FashionResNet(nn.Module):
-    """Stem conv (stride 2: 28x28 -> 14x14), three stages of residual blocks (strides 1, 2, 2), global pool, linear head."""
+    """Stem conv (stride 2: 28x28 -> 14x14), three stages of residual blocks (strides 1, 2, 2),
+    global average pool, linear head."""
 
     def __init__(
         self,
@@ -67,7 +68,9 @@ class FashionResNet(nn.Module):
 
 @register("fmnist_resnet")
 def fmnist_resnet(
-    widths: tuple[int, ...] | list[int] = (16, 32, 64), blocks_per_stage: int = 2, num_classes: int = 10
+    widths: tuple[int, ...] | list[int] = (16, 32, 64),
+    blocks_per_stage: int = 2,
+    num_classes: int = 10,
 ) -> FashionResNet:
     """The reference Fashion-MNIST CNN (about 0.17M parameters with the default widths)."""
     return FashionResNet(tuple(widths), blocks_per_stage, num_classes)

@@ -1,0 +1,166 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import kompakt
+from kompakt import artifact
+from kompakt.errors import KompaktError
+from tests.models import tiny_cnn, tiny_llama
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype, name
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def test_cnn_round_trip_is_exact(tmp_path):
+    model = tiny_cnn()
+    kompakt.save(model, tmp_path / "cnn")
+    loaded = kompakt.load(tmp_path / "cnn")
+    assert_same_state(model, loaded)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    assert not loaded.training
+
+
+def test_tiny_llama_round_trip_keeps_tied_embeddings(tmp_path):
+    model = tiny_llama(tie=True)
+    kompakt.save(model, tmp_path / "llama")
+    manifest = json.loads((tmp_path / "llama" / artifact.MANIFEST_FILE).read_text())
+    assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = kompakt.load(tmp_path / "llama")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert_same_state(model, loaded)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.randint(0, 96, (2, 7))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_untied_llama_and_half_precision_round_trip(tmp_path):
+    model = tiny_llama(tie=False).half()
+    kompakt.save(model, tmp_path / "llama16")
+    loaded = kompakt.load(tmp_path / "llama16")
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert_same_state(model, loaded)
+    assert loaded.lm_head.weight.dtype == torch.float16
+
+
+def test_record_survives_save_and_load(tmp_path):
+    model = tiny_cnn()
+    before = artifact.weights_sha256(model)
+    with artifact.step(model, "finetune", {"epochs": 1}) as metrics:
+        with torch.no_grad():
+            model.fc.weight.add_(1.0)
+        metrics["loss"] = 0.5
+    kompakt.save(model, tmp_path / "a")
+    loaded = kompakt.load(tmp_path / "a")
+    record = artifact.record_of(loaded)
+    assert record.source_sha256 == before != artifact.weights_sha256(loaded)
+    assert record.steps == [
+        {"method": "finetune", "config": {"epochs": 1}, "metrics": {"loss": 0.5}}
+    ]
+    assert record.source["kind"] == "registry" and record.source["name"] == "fmnist_resnet"
+
+
+def test_save_refuses_to_overwrite_unless_asked_and_then_replaces(tmp_path):
+    first, second = tiny_cnn(0), tiny_cnn(1)
+    kompakt.save(first, tmp_path / "m")
+    with pytest.raises(KompaktError, match="already exists"):
+        kompakt.save(second, tmp_path / "m")
+    assert_same_state(first, kompakt.load(tmp_path / "m"))
+    kompakt.save(second, tmp_path / "m", overwrite=True)
+    assert_same_state(second, kompakt.load(tmp_path / "m"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_failed_save_leaves_nothing_and_keeps_the_old_artifact(tmp_path, monkeypatch):
+    old = tiny_cnn(0)
+    kompakt.save(old, tmp_path / "m")
+
+    def broken_write(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        kompakt.save(tiny_cnn(1), tmp_path / "m", overwrite=True)
+    with pytest.raises(OSError, match="disk full"):
+        kompakt.save(tiny_cnn(1), tmp_path / "fresh")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert_same_state(old, kompakt.load(tmp_path / "m"))
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_an_artifact(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("precious")
+    with pytest.raises(KompaktError, match="not a kompakt artifact"):
+        kompakt.save(tiny_cnn(), tmp_path / "data", overwrite=True)
+    assert (tmp_path / "data" / "keep.txt").read_text() == "precious"
+
+
+def test_unknown_module_cannot_be_saved(tmp_path):
+    with pytest.raises(KompaktError, match="Sequential.*kompakt.models.build"):
+        kompakt.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return kompakt.save(tiny_cnn(), tmp_path / "m")
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(KompaktError, match=r"nope: no such artifact directory"):
+        kompakt.load(tmp_path / "nope")
+
+
+def test_corrupt_manifest(saved):
+    (saved / artifact.MANIFEST_FILE).write_text('{"format": "kompakt-artifact", ')
+    with pytest.raises(KompaktError, match=r"kompakt\.json: corrupt"):
+        kompakt.load(saved)
+
+
+def test_unknown_format_version(saved):
+    manifest = json.loads((saved / artifact.MANIFEST_FILE).read_text())
+    manifest["format_version"] = 99
+    (saved / artifact.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(KompaktError, match="format version 99 is not supported.*reads version 1"):
+        kompakt.load(saved)
+
+
+def test_truncated_weights(saved):
+    weights = saved / artifact.WEIGHTS_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    with pytest.raises(KompaktError, match=r"model\.safetensors: truncated"):
+        kompakt.load(saved)
+    weights.write_bytes(data[:5])
+    with pytest.raises(KompaktError, match=r"model\.safetensors: truncated"):
+        kompakt.load(saved)
+
+
+def test_unknown_plan_step_is_refused(saved):
+    manifest = json.loads((saved / artifact.MANIFEST_FILE).read_text())
+    manifest["plan"] = [{"kind": "from-the-future"}]
+    (saved / artifact.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(KompaktError, match="plan\\[0\\] has kind 'from-the-future'"):
+        kompakt.load(saved)
+
+
+def test_tensors_that_do_not_fit_the_architecture(saved):
+    manifest = json.loads((saved / artifact.MANIFEST_FILE).read_text())
+    manifest["source"]["kwargs"]["widths"] = [4, 8, 16]
+    (saved / artifact.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(KompaktError, match="do not match the rebuilt architecture"):
+        kompakt.load(saved)
+
+
+def test_no_pickle_in_the_weights_file(saved):
+    assert b"\x80\x04" not in (saved / artifact.WEIGHTS_FILE).read_bytes()[:8]
+    header = artifact.read_weights_header(saved / artifact.WEIGHTS_FILE)
+    assert header["fc.weight"]["dtype"] == "F32"
