@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -59,6 +60,8 @@ class Record:
 
 PlanHandler = Callable[[nn.Module, dict[str, Any]], None]
 _PLAN_HANDLERS: dict[str, PlanHandler] = {}
+PLAN_MODULES = {"prune": "kompakt.compress.prune.subnet"}
+"""The module that registers each plan kind's handler, imported on first use by :func:`load`."""
 
 
 def plan_step(kind: str) -> Callable[[PlanHandler], PlanHandler]:
@@ -365,6 +368,8 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     read_weights_header(root / WEIGHTS_FILE)
     model = build_base(manifest["source"], where)
     for i, entry in enumerate(manifest["plan"]):
+        if entry.get("kind") in PLAN_MODULES and entry["kind"] not in _PLAN_HANDLERS:
+            importlib.import_module(PLAN_MODULES[entry["kind"]])
         handler = _PLAN_HANDLERS.get(entry.get("kind"))
         if handler is None:
             raise KompaktError(
