@@ -60,7 +60,11 @@ class Record:
 
 PlanHandler = Callable[[nn.Module, dict[str, Any]], None]
 _PLAN_HANDLERS: dict[str, PlanHandler] = {}
-PLAN_MODULES = {"prune": "kompakt.compress.prune.subnet"}
+PLAN_MODULES = {
+    "prune": "kompakt.compress.prune.subnet",
+    "erase": "kompakt.compress.prune.erase",
+    "boost_head": "kompakt.compress.boost.head",
+}
 """The module that registers each plan kind's handler, imported on first use by :func:`load`."""
 
 

@@ -18,7 +18,8 @@ class TrainConfig:
 
     epochs: passes over the training set. batch_size: examples per step. lr: peak learning
     rate. momentum, weight_decay: SGD settings. seed: shuffling and initialisation seed.
-    limit: train on only the first ``limit`` examples (None: all).
+    limit: train on only the first ``limit`` examples (None: all). schedule: ``onecycle``
+    (warm up to ``lr``, then anneal) or ``cosine`` (start at ``lr``, anneal to 0).
     """
 
     epochs: int = 3
@@ -28,6 +29,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     limit: int | None = None
+    schedule: str = "onecycle"
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -35,6 +37,10 @@ class TrainConfig:
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         check(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+        check(
+            self.schedule in ("onecycle", "cosine"),
+            f"schedule must be onecycle or cosine, got {self.schedule!r}",
+        )
 
 
 def train_classifier(
@@ -43,22 +49,31 @@ def train_classifier(
     labels: torch.Tensor,
     config: TrainConfig,
     progress: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place with cross-entropy; returns the last epoch's mean loss."""
+    """Train ``model`` in place with cross-entropy; returns the last epoch's mean loss.
+
+    ``optimizer`` replaces the default SGD (e.g. a pruning optimizer over the same model).
+    """
     if config.limit is not None:
         images, labels = images[: config.limit], labels[: config.limit]
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.momentum > 0,
-        weight_decay=config.weight_decay,
-    )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
-    )
+    if optimizer is None:
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "onecycle":
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total
+        )
+    else:
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     mean_loss = float("nan")

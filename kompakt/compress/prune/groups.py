@@ -111,7 +111,7 @@ def group_reduce(
     params = dict(model.named_parameters())
     out = torch.zeros(n_groups + 1, dtype=torch.float64)
     for slot in slots:
-        t = (tensors or params)[slot.param]
+        t = (params if tensors is None else tensors).get(slot.param)
         if t is None:
             continue
         values = fn(t.detach()).double()

@@ -17,9 +17,19 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kompakt import artifact
+from kompakt.compress.prune.dhspg import DHSPG, DHSPGConfig
+from kompakt.compress.prune.erase import (
+    Branch,
+    erase_modules,
+    erase_slices,
+    find_branches,
+    reachable,
+    restore_modules,
+)
 from kompakt.compress.prune.graph import analyze, trace
-from kompakt.compress.prune.groups import Group, build_groups, group_reduce, zero_mask
-from kompakt.compress.prune.subnet import resized_copy
+from kompakt.compress.prune.groups import Group, Slot, build_groups, group_reduce, zero_mask
+from kompakt.compress.prune.subnet import apply_kept
+from kompakt.config import from_mapping
 from kompakt.errors import KompaktError
 
 
@@ -68,8 +78,10 @@ def count_params(model: nn.Module) -> int:
 class OTO:
     """Zero-invariant groups of ``model`` traced with ``example_inputs``.
 
-    ``unprunable``: module or parameter names whose groups must be kept (e.g. ``["fc"]``).
-    Groups that reach the model outputs are always kept.
+    ``groups`` holds both kinds: pruning groups (``kind="prune"``: channels, heads, hidden
+    units) and erasing groups (``kind="erase"``: whole residual branches). ``unprunable``:
+    module or parameter names whose groups must be kept (e.g. ``["fc"]``). Groups that reach
+    the model outputs are always kept.
     """
 
     def __init__(
@@ -79,24 +91,83 @@ class OTO:
         self.example_inputs = example_inputs
         program = trace(model, example_inputs)
         ctx = analyze(model, program)
-        self.groups, self.slots = build_groups(ctx, model, tuple(unprunable))
+        unprunable = tuple(unprunable)
+        self.groups, self.slots = build_groups(ctx, model, unprunable)
         self.messages = ctx.messages
         n = len(self.groups) + 1
         self._slot_counts = [
             torch.bincount(torch.where(s.gid >= 0, s.gid, n - 1), minlength=n) for s in self.slots
         ]
+        self._add_erase_groups(ctx, program.graph, unprunable)
+
+    def _add_erase_groups(self, ctx, graph, unprunable: tuple[str, ...]) -> None:
+        """Append one erasing group per erasable branch; keep the graph's connectivity."""
+        self.branches: dict[int, Branch] = {}
+        for branch in find_branches(ctx, graph, self.model):
+            gid = len(self.groups)
+            slices = erase_slices(self.model, branch)
+            if not self._erases_cleanly(branch, slices):
+                continue
+            marked = [
+                m
+                for m in branch.modules
+                if any(m == k or m.startswith(k + ".") for k in unprunable)
+            ]
+            reason = f"marked unprunable by the user ({marked[0]})" if marked else None
+            self.groups.append(Group(gid, "erase", slices, prunable=reason is None, reason=reason))
+            self.branches[gid] = branch
+            self.slots += [Slot(name, 0, torch.full((len(idx),), gid)) for name, _, idx in slices]
+        self._edges = {n.name: [u.name for u in n.users] for n in graph.nodes}
+        self._sources = [
+            n.name for n in graph.nodes if n.op == "placeholder" and ctx.param(n) is None
+        ]
+        self._output = next(n.name for n in graph.nodes if n.op == "output")
+
+    @torch.no_grad()
+    def _erases_cleanly(self, branch: Branch, slices) -> bool:
+        """Try erasing ``branch`` on the example inputs: the model must run and match the
+        model with the branch's parameters zeroed. Everything is restored afterwards."""
+        params = dict(self.model.named_parameters())
+        saved = {name: params[name].detach().clone() for name, _, _ in slices}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for name in saved:
+                params[name].zero_()
+            reference = run(self.model, self.example_inputs)
+            originals = erase_modules(self.model, branch.modules)
+            try:
+                erased = run(self.model, self.example_inputs)
+            except Exception:
+                return False
+            finally:
+                restore_modules(self.model, branch.modules, originals)
+            return len(erased) == len(reference) and all(
+                a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+                for a, b in zip(reference, erased, strict=True)
+            )
+        finally:
+            for name, value in saved.items():
+                params[name].copy_(value)
+            self.model.train(was_training)
 
     @property
     def prunable(self) -> list[Group]:
-        return [g for g in self.groups if g.prunable]
+        """The pruning groups (channels, heads, hidden units) that may be removed."""
+        return [g for g in self.groups if g.prunable and g.kind == "prune"]
+
+    @property
+    def erasable(self) -> list[Group]:
+        """The erasing groups (whole residual branches) that may be removed."""
+        return [g for g in self.groups if g.prunable and g.kind == "erase"]
 
     def group_norms(self) -> torch.Tensor:
         """The L2 norm of every group's parameters, indexed by group id."""
         return group_reduce(self.model, self.slots, len(self.groups), torch.square).sqrt()
 
     def removable(self, ids: Iterable[int]) -> list[int]:
-        """``ids`` in order, skipping each group whose removal (with those before it) would leave
-        some layer with no channel at all."""
+        """``ids`` (pruning groups) in order, skipping each whose removal, with those before
+        it, would leave some layer with no channel at all."""
         remaining = [c.sum().item() for c in self._slot_counts]
         chosen = []
         for g in ids:
@@ -107,14 +178,30 @@ class OTO:
                 chosen.append(g)
         return chosen
 
-    def zero_groups(self, fraction: float, seed: int = 0) -> list[int]:
-        """Zero a random ``fraction`` of the prunable groups in place (never a layer's last
-        channel); returns their ids."""
+    def connected(self, ids: Iterable[int]) -> list[int]:
+        """``ids`` (erasing groups) in order, skipping each whose branch, removed together with
+        those before it, would cut every path from the inputs to the output."""
+        removed: set[str] = set()
+        chosen = []
+        for g in ids:
+            trial = removed | self.branches[g].nodes
+            if reachable(self._edges, self._sources, self._output, trial):
+                removed = trial
+                chosen.append(g)
+        return chosen
+
+    def select(self, kind: str, ids: Iterable[int]) -> list[int]:
+        """The groups of ``ids`` that can go together: :meth:`removable` or :meth:`connected`."""
+        return self.removable(ids) if kind == "prune" else self.connected(ids)
+
+    def zero_groups(self, fraction: float, seed: int = 0, kind: str = "prune") -> list[int]:
+        """Zero a random ``fraction`` of the prunable groups of ``kind`` in place (never a
+        layer's last channel, never a branch the network needs); returns their ids."""
         if not 0 <= fraction <= 1:
             raise KompaktError(f"zero_groups: fraction must be in [0, 1], got {fraction}")
-        ids = [g.id for g in self.prunable]
+        ids = [g.id for g in (self.prunable if kind == "prune" else self.erasable)]
         order = np.random.default_rng(seed).permutation(ids).tolist()
-        chosen = sorted(self.removable(order)[: round(fraction * len(ids))])
+        chosen = sorted(self.select(kind, order)[: round(fraction * len(ids))])
         zero = torch.zeros(len(self.groups), dtype=torch.bool)
         zero[chosen] = True
         self.project(zero)
@@ -128,10 +215,20 @@ class OTO:
             p = params[slot.param]
             p.mul_(zero_mask(slot, zero, p.shape).to(p.dtype))
 
+    def dhspg(self, **config: Any) -> DHSPG:
+        """DHSPG over the model's parameters, pruning channel groups (:class:`DHSPGConfig`)."""
+        return DHSPG(self, from_mapping(DHSPGConfig, config, "dhspg"), kind="prune")
+
+    def h2spg(self, **config: Any) -> DHSPG:
+        """H2SPG: DHSPG over the erasing groups, whose redundant set is chosen in saliency order
+        but only where the network stays connected (:class:`DHSPGConfig`;
+        ``target_group_sparsity`` is the fraction of erasable branches to remove)."""
+        return DHSPG(self, from_mapping(DHSPGConfig, config, "h2spg"), kind="erase")
+
     def zeroed_groups(self) -> list[int]:
-        """Ids of the prunable groups whose parameters are all exactly zero."""
+        """Ids of the prunable groups (of both kinds) whose parameters are all exactly zero."""
         norms = self.group_norms()
-        return [g.id for g in self.prunable if norms[g.id] == 0]
+        return [g.id for g in self.prunable + self.erasable if norms[g.id] == 0]
 
     def kept_indices(self, removed_groups: Iterable[int]) -> dict[str, dict[int, list[int]]]:
         """For each tensor touched by ``removed_groups``: the indices kept along each dim."""
@@ -151,32 +248,47 @@ class OTO:
     def construct_subnet(self, check: bool = True, atol: float = 1e-5) -> nn.Module:
         """The physically smaller model without the zeroed groups; same outputs as the model.
 
-        With ``check``, both run on the example inputs and a difference above ``atol``
-        raises. The subnet carries the model's record plus a ``prune`` plan entry, so
-        ``kompakt.save`` writes it and ``kompakt.load`` rebuilds it.
+        Zeroed erasing groups have their modules replaced (nothing of the branch runs);
+        zeroed pruning groups have their slices cut out. With ``check``, both models run on
+        the example inputs and a difference above ``atol`` raises. The subnet carries the
+        model's record plus ``erase`` and ``prune`` plan entries, so ``kompakt.save`` writes
+        it and ``kompakt.load`` rebuilds it.
         """
-        kept = self.kept_indices(self.removable(self.zeroed_groups()))
-        small = resized_copy(self.model, kept).eval()
+        zeroed = self.zeroed_groups()
+        erased = self.connected([g for g in zeroed if self.groups[g].kind == "erase"])
+        branches = [self.branches[g].modules for g in erased]
+        gone = tuple(m + "." for modules in branches for m in modules)
+        pruned = self.removable([g for g in zeroed if self.groups[g].kind == "prune"])
+        kept = {n: dims for n, dims in self.kept_indices(pruned).items() if not n.startswith(gone)}
+        small = copy.deepcopy(self.model)
+        for modules in branches:
+            erase_modules(small, modules)
+        apply_kept(small, kept)
+        small.eval()
         if check:
-            was_training = self.model.training
-            full = run(self.model.eval(), self.example_inputs)
-            self.model.train(was_training)
-            mine = run(small, self.example_inputs)
-            for a, b in zip(full, mine, strict=True):
-                err = (a - b).abs().max().item() if a.numel() else 0.0
-                if a.shape != b.shape or err > atol * max(1.0, a.abs().max().item()):
-                    raise KompaktError(
-                        f"subnet of {type(self.model).__name__} differs from the zeroed model "
-                        f"(max error {err:.3g}); the model's forward may hard-code channel counts"
-                    )
+            self._check_same(small, atol)
         try:
             record = copy.deepcopy(artifact.record_of(self.model))
         except KompaktError:  # an architecture kompakt cannot rebuild: usable, not saveable
             return small
+        if branches:
+            record.plan.append({"kind": "erase", "branches": branches})
         record.plan.append(
             {
                 "kind": "prune",
-                "kept": {n: {str(d): i for d, i in dims.items()} for n, dims in kept.items()},
+                "kept": {n: {str(d): i for d, i in ds.items()} for n, ds in kept.items()},
             }
         )
         return artifact.attach_record(small, record)
+
+    def _check_same(self, small: nn.Module, atol: float) -> None:
+        was_training = self.model.training
+        full = run(self.model.eval(), self.example_inputs)
+        self.model.train(was_training)
+        for a, b in zip(full, run(small, self.example_inputs), strict=True):
+            err = (a - b).abs().max().item() if a.numel() and a.shape == b.shape else float("inf")
+            if err > atol * max(1.0, a.abs().max().item()):
+                raise KompaktError(
+                    f"subnet of {type(self.model).__name__} differs from the zeroed model "
+                    f"(max error {err:.3g}); the model's forward may hard-code channel counts"
+                )

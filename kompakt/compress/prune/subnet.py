@@ -3,7 +3,6 @@ module's size attributes. The same code replays a saved artifact's ``prune`` pla
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -111,13 +110,6 @@ def apply_kept(model: nn.Module, kept: dict[str, dict[int, list[int]]]) -> None:
         fn = _RESIZERS.get(type(modules[path]).__name__)
         if fn is not None:
             fn(modules[path], shapes)
-
-
-def resized_copy(model: nn.Module, kept: dict[str, dict[int, list[int]]]) -> nn.Module:
-    """A deep copy of ``model`` with :func:`apply_kept` applied."""
-    small = copy.deepcopy(model)
-    apply_kept(small, kept)
-    return small
 
 
 @plan_step("prune")

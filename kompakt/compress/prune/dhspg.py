@@ -1,0 +1,249 @@
+"""DHSPG: Dual Half-Space Projected Gradient (OTOv2 / OTOv3), a ``torch.optim.Optimizer``.
+
+Each step first takes the base optimizer's trial step ``x_hat = x - lr * d`` (``d`` from
+SGD with momentum, Adam or AdamW). At ``start_pruning_step`` the prunable groups are split
+once into *redundant* and *important* by a saliency score: the cosine between a group's
+parameters and its direction ``d`` (a step that shrinks the group scores high) and the inverse
+of its mean magnitude, each L2-normalised over the groups, half and half. The
+``target_group_sparsity`` fraction with the highest scores is redundant.
+
+From then on, until the target is reached, each redundant group ``g`` also takes a
+group-lasso step ``- lr * lambda_g * x_g / ||x_g||``, where ``lambda_g`` adapts to the angle
+between ``x_g`` and ``d_g``: when ``<x_g, d_g> < 0`` (the base step would grow the group)
+``lambda_g = clip(lmbda_amplify * lo, lmbda, lmbda * hat_lmbda_coeff)`` with
+``lo = -<x_g, d_g> / ||x_g||``, the least penalty that still shrinks it, halved back toward
+``lo`` if it would exceed ``hi = -||d_g||^2 ||x_g|| / <x_g, d_g>`` (beyond which the combined
+step stops descending); otherwise ``lambda_g = lmbda``. Then the half-space projection sets
+``x_hat_g = 0`` exactly whenever ``<x_hat_g, x_g> < epsilon * ||x_g||^2``.
+
+Groups that reached zero stay zero.
+
+Two things differ from the published defaults, so that the target is reached within a short
+training budget (the published runs use tens of thousands of steps with a fixed
+``lmbda = 1e-3``): unless ``lmbda`` is given, each redundant group's floor is
+``||x_g|| / (lr * pruning_steps)`` measured at the split, the penalty that alone would shrink
+it to zero within ``pruning_steps`` (divided by the current learning rate, so any schedule
+works); and at ``start_pruning_step + pruning_steps`` any
+redundant group not yet zero is projected to zero (counted in ``forced``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+from kompakt.compress.prune.groups import group_reduce
+from kompakt.config import check
+
+if TYPE_CHECKING:
+    from kompakt.compress.prune.oto import OTO
+
+VARIANTS = ("sgd", "adam", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class DHSPGConfig:
+    """Hyperparameters of DHSPG.
+
+    lr: learning rate of the base step. variant: base direction, ``sgd`` (with ``momentum``),
+    ``adam`` or ``adamw`` (with ``betas``). weight_decay: L2 penalty added to the gradient
+    (decoupled for ``adamw``). target_group_sparsity: fraction of the prunable groups to zero.
+    start_pruning_step: optimizer steps of plain training before the groups are split.
+    pruning_steps: steps after the split by which every redundant group is zero.
+    epsilon: half-space projection threshold in [0, 1); larger projects earlier.
+    lmbda: a fixed floor of the adaptive group-lasso weight (the published value for SGD is
+    1e-3); None: each group's budget floor ``||x_g|| / (lr * pruning_steps)``.
+    lmbda_amplify, hat_lmbda_coeff: the weight's multiplier over the least shrinking penalty
+    and its cap as a multiple of the floor (the published SGD values; for Adam the authors
+    used 20 and 1000 with ``lmbda = 1e-2``).
+    """
+
+    lr: float = 0.1
+    variant: str = "sgd"
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    target_group_sparsity: float = 0.5
+    start_pruning_step: int = 0
+    pruning_steps: int = 1000
+    epsilon: float = 0.9
+    lmbda: float | None = None
+    lmbda_amplify: float = 2.0
+    hat_lmbda_coeff: float = 10.0
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.variant in VARIANTS, f"variant must be sgd, adam or adamw, got {self.variant!r}")
+        check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(
+            0 <= self.target_group_sparsity < 1,
+            f"target_group_sparsity must be in [0, 1), got {self.target_group_sparsity}",
+        )
+        check(
+            self.start_pruning_step >= 0,
+            f"start_pruning_step must be >= 0, got {self.start_pruning_step}",
+        )
+        check(self.pruning_steps >= 1, f"pruning_steps must be >= 1, got {self.pruning_steps}")
+        check(0 <= self.epsilon < 1, f"epsilon must be in [0, 1), got {self.epsilon}")
+        check(self.lmbda is None or self.lmbda > 0, f"lmbda must be > 0, got {self.lmbda}")
+        check(self.lmbda_amplify > 0, f"lmbda_amplify must be > 0, got {self.lmbda_amplify}")
+        check(
+            self.hat_lmbda_coeff >= 1, f"hat_lmbda_coeff must be >= 1, got {self.hat_lmbda_coeff}"
+        )
+
+
+class DHSPG(torch.optim.Optimizer):
+    """DHSPG over all parameters of ``oto.model``; build it with ``oto.dhspg(...)``.
+
+    ``kind="erase"`` makes it H2SPG (``oto.h2spg(...)``): the candidates are the erasing
+    groups, and the redundant set is picked in saliency order but only among branches whose
+    removal keeps an input-to-output path (``oto.connected``).
+    """
+
+    def __init__(self, oto: OTO, config: DHSPGConfig, kind: str = "prune") -> None:
+        self.oto = oto
+        self.config = config
+        self.kind = kind
+        self.candidates = oto.prunable if kind == "prune" else oto.erasable
+        self.names = dict(oto.model.named_parameters())
+        super().__init__(list(self.names.values()), {"lr": config.lr})
+        n = len(oto.groups)
+        self.redundant = torch.zeros(n, dtype=torch.bool)
+        self.zero = torch.zeros(n, dtype=torch.bool)
+        self.steps = 0
+        self.forced = 0
+        self.target = int(round(config.target_group_sparsity * len(self.candidates)))
+        self.budget = torch.zeros(n, dtype=torch.float64)  # norm to shed per step
+
+    # -- bookkeeping -------------------------------------------------------------------
+    @property
+    def group_sparsity(self) -> float:
+        """Fraction of the candidate groups that are exactly zero."""
+        return int(self.zero.sum()) / max(1, len(self.candidates))
+
+    @property
+    def partitioned(self) -> bool:
+        return self.steps > self.config.start_pruning_step
+
+    def _directions(self) -> dict[str, torch.Tensor]:
+        """The base optimizer's update direction ``d`` for every parameter with a gradient."""
+        c = self.config
+        directions = {}
+        for name, p in self.names.items():
+            if p.grad is None:
+                continue
+            g = p.grad.detach()
+            if c.weight_decay and c.variant != "adamw":
+                g = g + c.weight_decay * p.detach()
+            state = self.state[p]
+            if c.variant == "sgd":
+                if c.momentum:
+                    buf = state.get("momentum")
+                    state["momentum"] = buf = (
+                        g.clone() if buf is None else buf.mul_(c.momentum).add_(g)
+                    )
+                    g = buf
+                directions[name] = g
+            else:
+                b1, b2 = c.betas
+                t = state["t"] = state.get("t", 0) + 1
+                m = state["m"] = state.get("m", torch.zeros_like(p)).mul_(b1).add_(g, alpha=1 - b1)
+                v = state["v"] = (
+                    state.get("v", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
+                )
+                directions[name] = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + 1e-8)
+        return directions
+
+    def _partition(self, directions: dict[str, torch.Tensor]) -> None:
+        """Split the prunable groups once: the highest saliency scores are redundant."""
+        oto, n = self.oto, len(self.oto.groups)
+        params = {k: p.detach() for k, p in self.names.items()}
+        xx = group_reduce(oto.model, oto.slots, n, torch.square)
+        xd = group_reduce(oto.model, oto.slots, n, lambda t: t, _products(params, directions))
+        dd = group_reduce(oto.model, oto.slots, n, torch.square, directions)
+        sizes = group_reduce(oto.model, oto.slots, n, torch.ones_like)
+        cos = xd / (xx.sqrt() * dd.sqrt()).clamp_min(1e-12)
+        inv_mean = 1.0 / (xx.sqrt() / sizes.clamp_min(1) + 1e-6)
+        ids = torch.tensor([g.id for g in self.candidates], dtype=torch.long)
+        if not len(ids):
+            return
+        score = (
+            0.5 * cos[ids] / cos[ids].norm().clamp_min(1e-12)
+            + 0.5 * inv_mean[ids] / inv_mean[ids].norm()
+        )
+        order = ids[torch.argsort(score, descending=True, stable=True)].tolist()
+        for g in oto.select(self.kind, order)[: self.target]:
+            self.redundant[g] = True
+        self.budget = xx.sqrt() / self.config.pruning_steps
+
+    # -- the step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer.step
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        c, oto, n = self.config, self.oto, len(self.oto.groups)
+        lr = self.param_groups[0]["lr"]
+        directions = self._directions()
+        self.steps += 1
+        if self.steps == c.start_pruning_step + 1:
+            self._partition(directions)
+        penalize = self.partitioned and self.redundant.any() and int(self.zero.sum()) < self.target
+        if penalize:
+            coef = self._lasso_coefficients(directions, lr)
+        old = {k: p.detach().clone() for k, p in self.names.items()} if penalize else None
+        for name, p in self.names.items():
+            if name in directions:
+                if c.variant == "adamw" and c.weight_decay:
+                    p.mul_(1 - lr * c.weight_decay)
+                p.sub_(directions[name], alpha=lr)
+        if penalize:
+            for slot in oto.slots:
+                p = self.names[slot.param]
+                scale = torch.where(slot.gid >= 0, coef[slot.gid.clamp(min=0)], 0.0).to(p.dtype)
+                shape = [1] * p.dim()
+                shape[slot.dim] = -1
+                p.sub_(lr * scale.view(shape) * old[slot.param])
+            xx = group_reduce(oto.model, oto.slots, n, torch.square, old)
+            cross = group_reduce(oto.model, oto.slots, n, lambda t: t, _products(old, self.names))
+            self.zero |= self.redundant & (cross < c.epsilon * xx)
+        if self.partitioned and self.steps >= c.start_pruning_step + c.pruning_steps:
+            missing = self.redundant & ~self.zero
+            self.forced += int(missing.sum())
+            self.zero |= missing
+        if self.zero.any():
+            oto.project(self.zero)
+        return loss
+
+    def _lasso_coefficients(self, directions: dict[str, torch.Tensor], lr: float) -> torch.Tensor:
+        """``lambda_g / ||x_g||`` for each redundant, not yet zero group (0 elsewhere)."""
+        c, oto, n = self.config, self.oto, len(self.oto.groups)
+        params = {k: p.detach() for k, p in self.names.items()}
+        xx = group_reduce(oto.model, oto.slots, n, torch.square)
+        xd = group_reduce(oto.model, oto.slots, n, lambda t: t, _products(params, directions))
+        dd = group_reduce(oto.model, oto.slots, n, torch.square, directions)
+        norm = xx.sqrt().clamp_min(1e-12)
+        floor = (
+            self.budget / lr if c.lmbda is None else torch.full((n,), c.lmbda, dtype=torch.float64)
+        )
+        grows = xd < 0
+        lo = -xd / norm
+        hi = -dd * norm / xd.where(grows, torch.full_like(xd, -1.0))
+        adaptive = torch.minimum(
+            torch.maximum(c.lmbda_amplify * lo, floor), floor * c.hat_lmbda_coeff
+        )
+        adaptive = torch.where(adaptive >= hi, (lo + hi) / 2, adaptive)
+        lam = torch.where(grows, adaptive, floor)
+        active = self.redundant & ~self.zero
+        return torch.where(active, lam / norm, torch.zeros_like(lam))
+
+
+def _products(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor | None]:
+    """Elementwise products ``a * b`` per parameter name (None where ``b`` has none)."""
+    return {k: (a[k] * b[k].detach()) if k in b else None for k in a}
