@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kompakt import artifact
+from kompakt.compress.prune.erase import ErasedBranch
 from kompakt.compress.prune.oto import OTO, count_flops, count_params
 from kompakt.config import check, to_dict
 from kompakt.train import TrainConfig, accuracy, train_classifier
@@ -25,6 +26,8 @@ class PruneConfig:
     the budget trains the remaining groups. lr, momentum, weight_decay, batch_size, seed:
     SGD settings (cosine-annealed learning rate). epsilon: half-space projection threshold.
     unprunable: module names to keep whole (the classifier head is always kept).
+    mode: ``prune`` (DHSPG over channel groups; ``target_group_sparsity`` of them) or
+    ``erase`` (H2SPG over residual branches; ``target_group_sparsity`` of the erasable ones).
     """
 
     target_group_sparsity: float = 0.5
@@ -38,6 +41,7 @@ class PruneConfig:
     seed: int = 0
     epsilon: float = 0.9
     unprunable: tuple[str, ...] = ()
+    mode: str = "prune"
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -47,6 +51,7 @@ class PruneConfig:
             self.start_epochs + self.pruning_epochs <= self.epochs,
             "start_epochs + pruning_epochs must fit in epochs",
         )
+        check(self.mode in ("prune", "erase"), f"mode must be prune or erase, got {self.mode!r}")
         object.__setattr__(self, "unprunable", tuple(self.unprunable))
 
 
@@ -66,7 +71,8 @@ def prune_classifier(
     example = images[:2]
     oto = OTO(model, (example,), unprunable=config.unprunable)
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    optimizer = oto.dhspg(
+    make = oto.dhspg if config.mode == "prune" else oto.h2spg
+    optimizer = make(
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
@@ -85,18 +91,21 @@ def prune_classifier(
     metrics: dict[str, Any] = {
         "groups": len(oto.groups),
         "prunable_groups": len(oto.prunable),
+        "erasable_groups": len(oto.erasable),
         "flops_before": count_flops(model, (example[:1],)),
         "params_before": count_params(model),
     }
     if test is not None:
         metrics["test_accuracy_before"] = accuracy(model, *test)
-    with artifact.step(model, "prune", {"method": "dhspg", **to_dict(config)}) as recorded:
+    method = "dhspg" if config.mode == "prune" else "h2spg"
+    with artifact.step(model, "prune", {"method": method, **to_dict(config)}) as recorded:
         metrics.update(
             train_classifier(model, images, labels, train, progress, optimizer=optimizer)
         )
         subnet = oto.construct_subnet()
         metrics.update(
             group_sparsity=optimizer.group_sparsity,
+            erased_branches=sum(isinstance(m, ErasedBranch) for m in subnet.modules()),
             groups_projected_at_budget_end=optimizer.forced,
             flops_after=count_flops(subnet, (example[:1],)),
             params_after=count_params(subnet),

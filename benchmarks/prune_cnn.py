@@ -1,0 +1,200 @@
+"""OTOv3 pruning of the Fashion-MNIST CNN against a dense baseline and Torch-Pruning.
+
+Every method gets the same total epoch budget and starts from the same seeded initial
+weights:
+
+* dense: SGD (one-cycle) for the whole budget;
+* kompakt DHSPG at each group sparsity: trains from scratch with DHSPG (warm-up, pruning
+  window, rest of the budget with the pruned groups held at zero), then builds the subnet;
+  no fine-tuning after;
+* Torch-Pruning (magnitude, L2): dense training for half the budget, one-shot global
+  magnitude pruning to the FLOPs of the kompakt subnet at the same sparsity, fine-tuning
+  for the other half.
+
+Reports top-1 on the test split, FLOPs and parameters (torch's counter), and eager CPU
+latency (median over repeats) at batch 1 and 64. Rows go to a JSONL file; a markdown table
+is printed.
+
+    .venv/bin/python benchmarks/prune_cnn.py --epochs 4 --out benchmarks/results/prune_cnn.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from kompakt.compress.prune import count_flops, count_params
+from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
+from kompakt.data import fashion_mnist
+from kompakt.models import build
+from kompakt.train import TrainConfig, accuracy, train_classifier
+
+
+def latency_ms(model: torch.nn.Module, batch: int, repeats: int = 30) -> float:
+    x = torch.randn(batch, 1, 28, 28)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(5):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def measure(name: str, model: torch.nn.Module, test, seconds: float, **extra) -> dict:
+    example = (torch.randn(1, 1, 28, 28),)
+    return {
+        "method": name,
+        "top1": accuracy(model, *test),
+        "flops": count_flops(model, example),
+        "params": count_params(model),
+        "latency_b1_ms": latency_ms(model, 1),
+        "latency_b64_ms": latency_ms(model, 64),
+        "train_seconds": seconds,
+        **extra,
+    }
+
+
+def fresh(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build("fmnist_resnet")
+
+
+def torch_pruning_baseline(seed, train, test, epochs, target_flops, lr):
+    import torch_pruning as tp
+
+    start = time.perf_counter()
+    model = fresh(seed)
+    half = max(1, epochs // 2)
+    train_classifier(model, *train, TrainConfig(epochs=half, lr=lr, seed=seed), progress=False)
+    example = torch.randn(1, 1, 28, 28)
+
+    def pruned(ratio: float) -> torch.nn.Module:
+        m = copy.deepcopy(model)
+        pruner = tp.pruner.MagnitudePruner(
+            m,
+            example,
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            global_pruning=True,
+            ignored_layers=[m.fc],
+        )
+        pruner.step()
+        return m
+
+    lo, hi = 0.0, 0.95  # bisect the global ratio to match the kompakt subnet's FLOPs
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        if count_flops(pruned(mid), (example,)) > target_flops:
+            lo = mid
+        else:
+            hi = mid
+    model = pruned(hi)
+    train_classifier(
+        model, *train, TrainConfig(epochs=epochs - half, lr=lr / 2, seed=seed + 1), progress=False
+    )
+    return model, time.perf_counter() - start, hi
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=4, help="total epoch budget of every method")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8])
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--limit", type=int, default=None, help="train on the first N examples only"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_cnn.jsonl"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    images, labels = fashion_mnist("train")
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    train, test = (images, labels), fashion_mnist("test")
+    meta = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "command": " ".join(sys.argv),
+    }
+    rows = []
+
+    start = time.perf_counter()
+    dense = fresh(args.seed)
+    train_classifier(
+        dense, *train, TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed), progress=False
+    )
+    rows.append(measure("dense", dense, test, time.perf_counter() - start))
+    print(json.dumps(rows[-1]), flush=True)
+
+    for sparsity in args.sparsities:
+        start = time.perf_counter()
+        config = PruneConfig(
+            target_group_sparsity=sparsity,
+            epochs=args.epochs,
+            start_epochs=0.4 * args.epochs,
+            pruning_epochs=0.35 * args.epochs,
+            lr=args.lr,
+            seed=args.seed,
+        )
+        subnet, metrics = prune_classifier(fresh(args.seed), *train, config, progress=False)
+        rows.append(
+            measure(
+                f"kompakt DHSPG s={sparsity}",
+                subnet,
+                test,
+                time.perf_counter() - start,
+                group_sparsity=metrics["group_sparsity"],
+                forced=metrics["groups_projected_at_budget_end"],
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        model, seconds, ratio = torch_pruning_baseline(
+            args.seed, train, test, args.epochs, rows[-1]["flops"], args.lr
+        )
+        rows.append(
+            measure(
+                f"Torch-Pruning magnitude @ FLOPs of s={sparsity}",
+                model,
+                test,
+                seconds,
+                tp_ratio=ratio,
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        for row in rows:
+            f.write(json.dumps({**meta, **row}) + "\n")
+    base = rows[0]
+    print(
+        f"\n{meta['date']}, {meta['machine']}, budget {args.epochs} epochs, `{meta['command']}`\n"
+    )
+    print(
+        "| method | top-1 | Δ vs dense | FLOPs | FLOPs removed | params | latency b1 (ms) | latency b64 (ms) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['top1']:.2%} | {100 * (r['top1'] - base['top1']):+.2f} pt | {r['flops'] / 1e6:.2f}M | "
+            f"{1 - r['flops'] / base['flops']:.0%} | {r['params']:,} | {r['latency_b1_ms']:.2f} | {r['latency_b64_ms']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
