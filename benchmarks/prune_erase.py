@@ -19,8 +19,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from prune_cnn import latency_ms  # run as a script: prune_cnn.py sits beside it
 
-from prune_cnn import latency_ms  # noqa: I001  (run as a script beside prune_cnn.py)
 from kompakt.compress.prune import count_flops, count_params
 from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
 from kompakt.data import fashion_mnist
