@@ -90,3 +90,23 @@ def test_h2spg_erases_the_target_share_of_blocks_and_keeps_the_network_connected
     small = oto.construct_subnet()
     assert sum(isinstance(m, ErasedBranch) for m in small.modules()) == len(zeroed)
     torch.testing.assert_close(small(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_prunes_a_saved_classifier(tmp_path):
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    kompakt.save(build_registered("fmnist_resnet", widths=[8, 16, 16], blocks_per_stage=1), tmp_path / "dense")
+    result = subprocess.run(
+        [sys.executable, "-m", "kompakt", "compress", "prune", str(tmp_path / "dense"), "--out", str(tmp_path / "small"),
+         "--sparsity", "0.5", "--epochs", "1", "--start-epochs", "0", "--pruning-epochs", "1", "--limit", "512"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "prune: FLOPs" in result.stdout
+    small = kompakt.load(tmp_path / "small")
+    assert prune.count_params(small) < prune.count_params(kompakt.load(tmp_path / "dense"))
+    step = artifact.record_of(small).steps[-1]
+    assert step["method"] == "prune" and step["config"]["method"] == "dhspg"
+    assert step["metrics"]["group_sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -42,7 +42,6 @@ class Attachment:
     param: str
     dim: int
     units: np.ndarray
-    is_buffer: bool
 
 
 @dataclasses.dataclass
@@ -97,9 +96,6 @@ class Units:
         for u in np.asarray(units).ravel().tolist():
             if u >= 0:
                 self.frozen.setdefault(self.find(u), reason)
-
-    def is_frozen(self, u: int) -> bool:
-        return self.find(u) in self.frozen
 
     def frozen_reason(self, u: int) -> str | None:
         return self.frozen.get(self.find(u))
@@ -182,11 +178,7 @@ class Context:
     def attach(self, param: str | None, dim: int, units: np.ndarray) -> None:
         if param is None:
             return
-        self.attachments.append(
-            Attachment(
-                param, dim, np.asarray(units, dtype=np.int64), param not in self.params.values()
-            )
-        )
+        self.attachments.append(Attachment(param, dim, np.asarray(units, dtype=np.int64)))
 
     def freeze_value(self, arg: Any, reason: str) -> None:
         chan = self.chan(arg)

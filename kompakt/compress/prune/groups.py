@@ -36,18 +36,6 @@ class Group:
     prunable: bool = True
     reason: str | None = None
 
-    @property
-    def params(self) -> list[str]:
-        return list(dict.fromkeys(name for name, _, _ in self.slices))
-
-    def numel(self, model: nn.Module) -> int:
-        sizes = dict(model.named_parameters())
-        total = 0
-        for name, dim, idx in self.slices:
-            if name in sizes:
-                total += len(idx) * sizes[name].numel() // sizes[name].shape[dim]
-        return total
-
 
 @dataclasses.dataclass(frozen=True)
 class Slot:

@@ -118,53 +118,38 @@ def _getitem(ctx: Context, node: fx.Node):
 # --- ops that create channels ------------------------------------------------------------
 
 
-def _conv(ctx: Context, node: fx.Node, transposed: bool, weight_index: int = 1):
-    x, weight = node.args[0], node.args[weight_index]
-    bias = _arg(node, weight_index + 1, "bias")
-    groups = int(
-        _arg(node, 8 if str(node.target).endswith("convolution.default") else 6, "groups", 1) or 1
-    )
-    if str(node.target).endswith("convolution.default"):
-        transposed = bool(node.args[6])
+@op_rule("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default")
+def _conv(ctx: Context, node: fx.Node):
+    # args: input, weight, bias, stride, padding, dilation, groups
+    x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
+    groups = int(_arg(node, 6, "groups", 1) or 1)
     w = ctx.param(weight)
     if w is None:
         ctx.unsupported(node, "convolution whose weight is not a parameter")
         return None
-    wshape = ctx.shape(weight)
-    c_out = wshape[1] * groups if transposed else wshape[0]
-    out = ctx.new_chan(1, c_out)
-    out_dim, in_dim = (1, 0) if transposed else (0, 1)
+    per_in = ctx.shape(weight)[1]
+    out = ctx.new_chan(1, ctx.shape(weight)[0])
+    ctx.attach(w, 0, out.units)
+    ctx.attach(ctx.param(bias), 0, out.units)
     inp = ctx.chan(x)
     if inp is not None and inp.axis != 1:
         ctx.unsupported(node, "convolution input whose channels are not on axis 1")
         inp = None
     if groups == 1:
-        ctx.attach(w, out_dim, out.units)
         if inp is not None:
-            ctx.attach(w, in_dim, inp.units)
-    else:
-        # a whole conv group (its input and output channels) is the smallest removable unit
-        per_out = c_out // groups
-        if transposed:  # weight [C_in, C_out/groups, ...]: rows are input channels
-            ctx.attach(w, 0, inp.units if inp is not None else np.full(wshape[0], -1))
-            per_in = wshape[0] // groups
-        else:
-            ctx.attach(w, 0, out.units)
-            per_in = wshape[1]
-        for g in range(groups):
-            block = out.units[g * per_out : (g + 1) * per_out]
-            ctx.units.union_all(block)
-            if inp is not None:
-                ctx.units.union(np.full(per_in, block[0]), inp.units[g * per_in : (g + 1) * per_in])
-        if inp is None:
-            ctx.units.freeze(out.units, f"{ctx.where(node)}: grouped conv on the model input")
-    ctx.attach(ctx.param(bias), 0, out.units)
+            ctx.attach(w, 1, inp.units)
+        return out
+    # a whole conv group (its input and output channels) is the smallest removable unit;
+    # the weight's dim 1 holds a group's own inputs and is never sliced
+    per_out = len(out.units) // groups
+    for g in range(groups):
+        block = out.units[g * per_out : (g + 1) * per_out]
+        ctx.units.union_all(block)
+        if inp is not None:
+            ctx.units.union(np.full(per_in, block[0]), inp.units[g * per_in : (g + 1) * per_in])
+    if inp is None:
+        ctx.units.freeze(out.units, f"{ctx.where(node)}: grouped conv on the model input")
     return out
-
-
-@op_rule("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default")
-def _conv_forward(ctx: Context, node: fx.Node):
-    return _conv(ctx, node, transposed=False)
 
 
 @op_rule(
