@@ -28,6 +28,29 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_boost(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import kompakt
+    from kompakt.compress import boost
+    from kompakt.config import from_mapping
+    from kompakt.data import fashion_mnist
+
+    names = ("head", "units_per_step", "steps", "eta", "activation", "limit", "seed")
+    fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    config = from_mapping(boost.BoostHeadConfig, fields, "kompakt compress boost")
+    if Path(args.out).exists() and not args.overwrite:
+        raise KompaktError(f"{args.out}: already exists; pass --overwrite or choose another path")
+    model = kompakt.load(args.artifact)
+    metrics = boost.boost_classifier_head(
+        model, fashion_mnist("train"), fashion_mnist("test"), config
+    )
+    path = kompakt.save(model, args.out, overwrite=args.overwrite)
+    print(f"boost: {boost.describe(metrics, config.head)}")
+    print(f"boost: saved {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kompakt", description="Compress trained PyTorch models and ship them to devices."
@@ -55,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe YAML file (default: built-in demo.yaml)")
     p.add_argument("--out", help="output folder (overrides the recipe's 'out')")
     p.set_defaults(func=_pipeline)
+
+    p = commands.add_parser("compress", parents=[common], help="compress a saved model")
+    methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    p = methods.add_parser(
+        "boost",
+        parents=[common],
+        help="replace a Fashion-MNIST classifier's head by a GBNN head fitted on its features",
+    )
+    p.add_argument("artifact", help="artifact directory of a trained Fashion-MNIST classifier")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--head", help="dotted name of the head module (default: fc)")
+    p.add_argument("--units-per-step", type=int, help="hidden units per boosting step (default: 8)")
+    p.add_argument("--steps", type=int, help="boosting steps (default: 32)")
+    p.add_argument("--eta", type=float, help="shrinkage (default: 0.5)")
+    p.add_argument("--activation", help="sigmoid, tanh or relu (default: sigmoid)")
+    p.add_argument("--limit", type=int, help="fit on the first N training images (default: all)")
+    p.add_argument("--seed", type=int, help="seed (default: 0)")
+    p.set_defaults(func=_compress_boost)
     return parser
 
 

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from kompakt import artifact
+from kompakt.compress.boost import BoostHeadConfig, boost_classifier_head, describe
 from kompakt.config import check, from_mapping, to_dict
 from kompakt.errors import KompaktError
 from kompakt.train import TrainConfig, accuracy, train_classifier
@@ -113,6 +114,16 @@ def _save(state: PipelineState, config: SaveConfig) -> None:
     path = artifact.save(state.model, state.out / config.name, overwrite=True)
     state.log(f"[save] {path}")
     state.log(format_inspection(inspect_artifact(path)))
+
+
+@stage("boost", BoostHeadConfig)
+def _boost(state: PipelineState, config: BoostHeadConfig) -> None:
+    state.log(
+        f"[boost] GBNN head for {config.head!r}: up to {config.steps} steps of "
+        f"{config.units_per_step} units on frozen features"
+    )
+    metrics = boost_classifier_head(state.model, state.data("train"), state.data("test"), config)
+    state.log(f"[boost] {describe(metrics, config.head)}")
 
 
 def load_recipe(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:

@@ -37,7 +37,13 @@ def test_short_pipeline_trains_saves_and_records_accuracy(tmp_path):
 def test_builtin_demo_recipe_is_valid():
     where, recipe = load_recipe(None)
     assert "demo.yaml" in where
-    assert [next(iter(s)) for s in recipe["stages"]] == ["train", "evaluate", "save"]
+    assert [next(iter(s)) for s in recipe["stages"]] == [
+        "train",
+        "evaluate",
+        "save",
+        "boost",
+        "save",
+    ]
 
 
 @pytest.mark.parametrize(
