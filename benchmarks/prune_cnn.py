@@ -117,9 +117,12 @@ def main() -> None:
     parser.add_argument(
         "--limit", type=int, default=None, help="train on the first N examples only"
     )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads for training and latency"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_cnn.jsonl"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     images, labels = fashion_mnist("train")
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]

@@ -44,9 +44,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads for training and latency"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_erase.jsonl"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     images, labels = fashion_mnist("train")
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]

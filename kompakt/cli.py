@@ -51,6 +51,41 @@ def _compress_boost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import kompakt
+    from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
+    from kompakt.config import from_mapping
+    from kompakt.data import fashion_mnist
+
+    names = (
+        "target_group_sparsity",
+        "epochs",
+        "start_epochs",
+        "pruning_epochs",
+        "lr",
+        "mode",
+        "seed",
+    )
+    fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    config = from_mapping(PruneConfig, fields, "kompakt compress prune")
+    if Path(args.out).exists() and not args.overwrite:
+        raise KompaktError(f"{args.out}: already exists; pass --overwrite or choose another path")
+    model = kompakt.load(args.artifact)
+    images, labels = fashion_mnist("train")
+    subnet, m = prune_classifier(
+        model, images[: args.limit], labels[: args.limit], config, test=fashion_mnist("test")
+    )
+    path = kompakt.save(subnet, args.out, overwrite=args.overwrite)
+    print(
+        f"prune: FLOPs {m['flops_before']:,} -> {m['flops_after']:,}, parameters {m['params_before']:,} -> "
+        f"{m['params_after']:,}, test accuracy {m['test_accuracy_before']:.2%} -> {m['test_accuracy']:.2%}"
+    )
+    print(f"prune: saved {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kompakt", description="Compress trained PyTorch models and ship them to devices."
@@ -97,6 +132,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="fit on the first N training images (default: all)")
     p.add_argument("--seed", type=int, help="seed (default: 0)")
     p.set_defaults(func=_compress_boost)
+
+    p = methods.add_parser(
+        "prune",
+        parents=[common],
+        help="prune a Fashion-MNIST classifier with OTOv3 (DHSPG channels or H2SPG branches)",
+    )
+    p.add_argument("artifact", help="artifact directory of a trained Fashion-MNIST classifier")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--sparsity",
+        dest="target_group_sparsity",
+        type=float,
+        help="fraction of groups to remove (default: 0.5)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("prune", "erase"),
+        help="prune channel groups or erase residual branches (default: prune)",
+    )
+    p.add_argument(
+        "--epochs", type=int, help="training epochs with the pruning optimizer (default: 2)"
+    )
+    p.add_argument(
+        "--start-epochs", type=float, help="epochs before the groups are split (default: 0.1)"
+    )
+    p.add_argument(
+        "--pruning-epochs", type=float, help="epochs to drive redundant groups to zero (default: 1)"
+    )
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.05)")
+    p.add_argument("--seed", type=int, help="seed (default: 0)")
+    p.add_argument("--limit", type=int, help="train on the first N training images (default: all)")
+    p.set_defaults(func=_compress_prune)
     return parser
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from kompakt import artifact
 from kompakt.compress.boost import BoostHeadConfig, boost_classifier_head, describe
+from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
 from kompakt.config import check, from_mapping, to_dict
 from kompakt.errors import KompaktError
 from kompakt.train import TrainConfig, accuracy, train_classifier
@@ -114,6 +115,22 @@ def _save(state: PipelineState, config: SaveConfig) -> None:
     path = artifact.save(state.model, state.out / config.name, overwrite=True)
     state.log(f"[save] {path}")
     state.log(format_inspection(inspect_artifact(path)))
+
+
+@stage("prune", PruneConfig)
+def _prune(state: PipelineState, config: PruneConfig) -> None:
+    what = "channel groups (DHSPG)" if config.mode == "prune" else "residual branches (H2SPG)"
+    state.log(
+        f"[prune] {config.target_group_sparsity:.0%} of {what}, {config.epochs} epoch(s), no fine-tuning after"
+    )
+    state.model, m = prune_classifier(
+        state.model, *state.data("train"), config, test=state.data("test")
+    )
+    state.log(
+        f"[prune] FLOPs {m['flops_before']:,} -> {m['flops_after']:,} "
+        f"({1 - m['flops_after'] / m['flops_before']:.0%} removed), parameters {m['params_before']:,} -> "
+        f"{m['params_after']:,}, test accuracy {m['test_accuracy_before']:.2%} -> {m['test_accuracy']:.2%}"
+    )
 
 
 @stage("boost", BoostHeadConfig)

@@ -41,6 +41,8 @@ def test_builtin_demo_recipe_is_valid():
         "train",
         "evaluate",
         "save",
+        "prune",
+        "save",
         "boost",
         "save",
     ]
