@@ -97,11 +97,33 @@ def test_cli_prunes_a_saved_classifier(tmp_path):
     import sys
 
     torch.manual_seed(0)
-    kompakt.save(build_registered("fmnist_resnet", widths=[8, 16, 16], blocks_per_stage=1), tmp_path / "dense")
+    kompakt.save(
+        build_registered("fmnist_resnet", widths=[8, 16, 16], blocks_per_stage=1),
+        tmp_path / "dense",
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "kompakt", "compress", "prune", str(tmp_path / "dense"), "--out", str(tmp_path / "small"),
-         "--sparsity", "0.5", "--epochs", "1", "--start-epochs", "0", "--pruning-epochs", "1", "--limit", "512"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "kompakt",
+            "compress",
+            "prune",
+            str(tmp_path / "dense"),
+            "--out",
+            str(tmp_path / "small"),
+            "--sparsity",
+            "0.5",
+            "--epochs",
+            "1",
+            "--start-epochs",
+            "0",
+            "--pruning-epochs",
+            "1",
+            "--limit",
+            "512",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "prune: FLOPs" in result.stdout
