@@ -26,7 +26,7 @@ from kompakt.errors import KompaktError
 class BoostHeadConfig(GBNNConfig):
     """A GBNN classification head for a trained network: the GBNN fields, plus
 
-    head: the dotted name of the module to replace (its input are the features; for the
+    head: the dotted name of the module to replace (its input is the feature vector; for the
         reference CNN ``fc``, after global pooling and flatten).
     limit: fit on only the first ``limit`` training examples (None: all).
     """
