@@ -15,7 +15,8 @@ Reports top-1 on the test split, FLOPs and parameters (torch's counter), and eag
 latency (median over repeats) at batch 1 and 64. Rows go to a JSONL file; a markdown table
 is printed.
 
-    .venv/bin/python benchmarks/prune_cnn.py --epochs 4 --out benchmarks/results/prune_cnn.jsonl
+    .venv/bin/pip install -e '.[bench]'   # Torch-Pruning, the baseline
+    .venv/bin/python benchmarks/prune_cnn.py --epochs 3 --out benchmarks/results/prune_cnn.jsonl
 """
 
 from __future__ import annotations
