@@ -68,6 +68,19 @@ def measure(name: str, model: torch.nn.Module, test, seconds: float, **extra) ->
     }
 
 
+def write_rows(out: Path, meta: dict, rows: list[dict]) -> dict:
+    """Append ``rows`` (with ``meta``) to the JSONL file ``out``, print the table's caption;
+    returns the first row (the baseline)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for row in rows:
+            f.write(json.dumps({**meta, **row}) + "\n")
+    print(
+        f"\n{meta['date']}, {meta['machine']}, budget {meta['epochs']} epochs, `{meta['command']}`\n"
+    )
+    return rows[0]
+
+
 def fresh(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build("fmnist_resnet")
@@ -181,14 +194,7 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps({**meta, **row}) + "\n")
-    base = rows[0]
-    print(
-        f"\n{meta['date']}, {meta['machine']}, budget {args.epochs} epochs, `{meta['command']}`\n"
-    )
+    base = write_rows(args.out, meta, rows)
     print(
         "| method | top-1 | Δ vs dense | FLOPs | FLOPs removed | params | latency b1 (ms) | latency b64 (ms) |"
     )

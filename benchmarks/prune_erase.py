@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from prune_cnn import latency_ms  # run as a script: prune_cnn.py sits beside it
+from prune_cnn import latency_ms, write_rows  # run as a script: prune_cnn.py sits beside it
 
 from kompakt.compress.prune import count_flops, count_params
 from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
@@ -110,14 +110,7 @@ def main() -> None:
             )
         )
         print(json.dumps(rows[-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps({**meta, **r}) + "\n")
-    base = rows[0]
-    print(
-        f"\n{meta['date']}, {meta['machine']}, budget {args.epochs} epochs, `{meta['command']}`\n"
-    )
+    base = write_rows(args.out, meta, rows)
     print(
         "| method | top-1 | Δ vs dense | branches erased | FLOPs | params | latency b1 (ms) | latency b64 (ms) |"
     )

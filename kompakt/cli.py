@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kompakt import __version__
 from kompakt.errors import KompaktError
@@ -28,9 +29,13 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compress_boost(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _refuse_existing_out(args: argparse.Namespace) -> None:
+    """Fail before any work if ``--out`` exists and ``--overwrite`` was not given."""
+    if Path(args.out).exists() and not args.overwrite:
+        raise KompaktError(f"{args.out}: already exists; pass --overwrite or choose another path")
 
+
+def _compress_boost(args: argparse.Namespace) -> int:
     import kompakt
     from kompakt.compress import boost
     from kompakt.config import from_mapping
@@ -39,8 +44,7 @@ def _compress_boost(args: argparse.Namespace) -> int:
     names = ("head", "units_per_step", "steps", "eta", "activation", "limit", "seed")
     fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     config = from_mapping(boost.BoostHeadConfig, fields, "kompakt compress boost")
-    if Path(args.out).exists() and not args.overwrite:
-        raise KompaktError(f"{args.out}: already exists; pass --overwrite or choose another path")
+    _refuse_existing_out(args)
     model = kompakt.load(args.artifact)
     metrics = boost.boost_classifier_head(
         model, fashion_mnist("train"), fashion_mnist("test"), config
@@ -52,8 +56,6 @@ def _compress_boost(args: argparse.Namespace) -> int:
 
 
 def _compress_prune(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import kompakt
     from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
     from kompakt.config import from_mapping
@@ -70,8 +72,7 @@ def _compress_prune(args: argparse.Namespace) -> int:
     )
     fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     config = from_mapping(PruneConfig, fields, "kompakt compress prune")
-    if Path(args.out).exists() and not args.overwrite:
-        raise KompaktError(f"{args.out}: already exists; pass --overwrite or choose another path")
+    _refuse_existing_out(args)
     model = kompakt.load(args.artifact)
     images, labels = fashion_mnist("train")
     subnet, m = prune_classifier(
@@ -114,16 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (overrides the recipe's 'out')")
     p.set_defaults(func=_pipeline)
 
+    artifact_io = argparse.ArgumentParser(add_help=False)
+    artifact_io.add_argument(
+        "artifact", help="artifact directory of a trained Fashion-MNIST classifier"
+    )
+    artifact_io.add_argument("--out", required=True, help="artifact directory to write")
+    artifact_io.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p = commands.add_parser("compress", parents=[common], help="compress a saved model")
     methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
     p = methods.add_parser(
         "boost",
-        parents=[common],
+        parents=[common, artifact_io],
         help="replace a Fashion-MNIST classifier's head by a GBNN head fitted on its features",
     )
-    p.add_argument("artifact", help="artifact directory of a trained Fashion-MNIST classifier")
-    p.add_argument("--out", required=True, help="artifact directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--head", help="dotted name of the head module (default: fc)")
     p.add_argument("--units-per-step", type=int, help="hidden units per boosting step (default: 8)")
     p.add_argument("--steps", type=int, help="boosting steps (default: 32)")
@@ -135,12 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = methods.add_parser(
         "prune",
-        parents=[common],
+        parents=[common, artifact_io],
         help="prune a Fashion-MNIST classifier with OTOv3 (DHSPG channels or H2SPG branches)",
     )
-    p.add_argument("artifact", help="artifact directory of a trained Fashion-MNIST classifier")
-    p.add_argument("--out", required=True, help="artifact directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--sparsity",
         dest="target_group_sparsity",
