@@ -68,6 +68,35 @@ def measure(name: str, model: torch.nn.Module, test, seconds: float, **extra) ->
     }
 
 
+def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
+    """Arguments every pruning benchmark takes."""
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--limit", type=int, default=None, help="train on the first N examples only"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads for training and latency"
+    )
+    parser.add_argument("--out", type=Path, default=Path(f"benchmarks/results/{name}.jsonl"))
+
+
+def prepare(args: argparse.Namespace) -> tuple[tuple, tuple, dict]:
+    """Set the threads; return the train and test data and the rows' shared fields."""
+    torch.set_num_threads(args.threads)
+    images, labels = fashion_mnist("train")
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    meta = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "command": " ".join(sys.argv),
+    }
+    return (images, labels), fashion_mnist("test"), meta
+
+
 def write_rows(out: Path, meta: dict, rows: list[dict]) -> dict:
     """Append ``rows`` (with ``meta``) to the JSONL file ``out``, print the table's caption;
     returns the first row (the baseline)."""
@@ -126,28 +155,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=4, help="total epoch budget of every method")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8])
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--limit", type=int, default=None, help="train on the first N examples only"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=2, help="torch CPU threads for training and latency"
-    )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_cnn.jsonl"))
+    add_common_args(parser, "prune_cnn")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    images, labels = fashion_mnist("train")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    train, test = (images, labels), fashion_mnist("test")
-    meta = {
-        "date": str(date.today()),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "command": " ".join(sys.argv),
-    }
+    if args.epochs < 2:
+        parser.error(
+            "--epochs must be >= 2: Torch-Pruning trains half the budget, then fine-tunes half"
+        )
+    train, test, meta = prepare(args)
     rows = []
 
     start = time.perf_counter()

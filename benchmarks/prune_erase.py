@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
-from prune_cnn import latency_ms, write_rows  # run as a script: prune_cnn.py sits beside it
+from prune_cnn import (
+    add_common_args,
+    latency_ms,
+    prepare,
+    write_rows,
+)  # run as a script: prune_cnn.py sits beside it
 
 from kompakt.compress.prune import count_flops, count_params
 from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
-from kompakt.data import fashion_mnist
 from kompakt.models import build
 from kompakt.train import TrainConfig, accuracy, train_classifier
 
@@ -41,25 +41,9 @@ def main() -> None:
     parser.add_argument(
         "--targets", type=float, nargs="+", default=[0.4], help="fractions of erasable branches"
     )
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument(
-        "--threads", type=int, default=2, help="torch CPU threads for training and latency"
-    )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_erase.jsonl"))
+    add_common_args(parser, "prune_erase")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    images, labels = fashion_mnist("train")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    test = fashion_mnist("test")
-    meta = {
-        "date": str(date.today()),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "epochs": args.epochs,
-        "command": " ".join(sys.argv),
-    }
+    (images, labels), test, meta = prepare(args)
     example = (torch.randn(1, 1, 28, 28),)
 
     def row(name, model, seconds, **extra):
