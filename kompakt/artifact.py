@@ -64,6 +64,7 @@ PLAN_MODULES = {
     "prune": "kompakt.compress.prune.subnet",
     "erase": "kompakt.compress.prune.erase",
     "boost_head": "kompakt.compress.boost.head",
+    "quantize": "kompakt.compress.quantize.layers",
 }
 """The module that registers each plan kind's handler, imported on first use by :func:`load`."""
 

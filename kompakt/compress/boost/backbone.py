@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kompakt import artifact
 from kompakt.compress.boost.gbnn import GBNN, GBNNConfig
-from kompakt.compress.boost.head import BoostedHead, set_submodule
+from kompakt.compress.boost.head import BoostedHead
 from kompakt.config import check, to_dict
 from kompakt.errors import KompaktError
 
@@ -107,7 +107,7 @@ def replace_head(model: nn.Module, head: str, new: BoostedHead) -> None:
             f"head maps {new_widths[0]} -> {new_widths[1]}; fit it on this head's features and classes"
         )
     record = artifact.record_of(model)
-    set_submodule(model, head, new)
+    model.set_submodule(head, new)
     record.plan.append(new.plan_entry(head))
 
 

@@ -100,12 +100,6 @@ def check_units(units: int, units_per_step: int, available: int) -> int:
     return units // units_per_step
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted path ``name`` inside ``model``."""
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), leaf, module)
-
-
 @artifact.plan_step(PLAN_KIND)
 def _replay(model: nn.Module, entry: dict[str, Any]) -> None:
     """Replace ``entry['module']`` by an empty BoostedHead of the recorded shape."""
@@ -122,4 +116,4 @@ def _replay(model: nn.Module, entry: dict[str, Any]) -> None:
             f"plan entry {PLAN_KIND}: the base model has no module {entry['module']!r}; re-create the artifact"
         ) from e
     head = BoostedHead(*(entry[f] for f in fields[1:]))
-    set_submodule(model, entry["module"], head)
+    model.set_submodule(entry["module"], head)

@@ -1,0 +1,95 @@
+"""Affine grids: RTN and GPTQ, stored in the codebook format as the grid ``0..2**b-1`` with a
+per-row, per-block fp16 scale and offset (``w = code * scale + offset``, asymmetric).
+
+- **RTN**: every block of ``block`` columns of a row gets ``scale = (max - min) / (2**b - 1)``
+  and ``offset = min``; each weight is rounded to the nearest grid point.
+- **GPTQ** (Frantar et al., 2023): columns are quantized in order; the rounding error of each
+  column is spread over the not-yet-quantized columns through the Cholesky factor of the
+  inverse input Hessian (``H + damp * mean(diag H) * I``), in lazy batches of 128 columns.
+  A block's grid is fixed from the updated weights when its first column is reached.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kompakt.compress.quantize.layers import CodedWeight
+
+
+def _grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-exact ``(scale, offset)`` per row of ``w`` covering its min..max."""
+    lo = w.min(dim=1).values
+    hi = w.max(dim=1).values
+    scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-8)
+    scale = scale.to(torch.float16).float().clamp_min(6e-8)
+    offset = lo.to(torch.float16).float()
+    return scale, offset
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round((w - offset.unsqueeze(1)) / scale.unsqueeze(1)), 0, (1 << bits) - 1).long()
+
+
+def _coded(codes, scales, offsets, bits, block) -> CodedWeight:
+    rows = codes.shape[0]
+    return CodedWeight(
+        codes=codes,
+        bits=bits,
+        codebook=torch.arange(1 << bits, dtype=torch.float32).unsqueeze(0),
+        groups=rows,
+        scales=scales,
+        offsets=offsets,
+        block=block,
+    )
+
+
+def rtn_coded(w: torch.Tensor, bits: int, block: int) -> CodedWeight:
+    """Round-to-nearest on a group-wise asymmetric grid."""
+    rows, cols = w.shape
+    block = min(block, cols)
+    codes = torch.empty(rows, cols, dtype=torch.int64)
+    scales, offsets = [], []
+    for start in range(0, cols, block):
+        part = w[:, start : start + block]
+        scale, offset = _grid(part, bits)
+        codes[:, start : start + block] = _round(part, scale, offset, bits)
+        scales.append(scale)
+        offsets.append(offset)
+    return _coded(codes, torch.stack(scales, 1), torch.stack(offsets, 1), bits, block)
+
+
+def gptq_coded(w: torch.Tensor, h: torch.Tensor, bits: int, block: int, damp: float = 0.01) -> CodedWeight:
+    """GPTQ with lazy batch updates; grids per ``block`` columns as in RTN."""
+    rows, cols = w.shape
+    block = min(block, cols)
+    w = w.clone()
+    h = h.clone().double()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    codes = torch.empty(rows, cols, dtype=torch.int64)
+    scales, offsets = [], []
+    batch = 128
+    for b0 in range(0, cols, batch):
+        b1 = min(b0 + batch, cols)
+        wb = w[:, b0:b1].clone()
+        errors = torch.zeros_like(wb)
+        hb = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % block == 0:
+                # the block's columns as updated so far (this batch's, then later ones)
+                current = torch.cat([wb[:, i:], w[:, b1:]], 1)[:, :block]
+                scale, offset = _grid(current, bits)
+                scales.append(scale)
+                offsets.append(offset)
+            q = _round(wb[:, i : i + 1], scale, offset, bits)[:, 0]
+            codes[:, col] = q
+            deq = q.float() * scale + offset
+            err = (wb[:, i] - deq) / hb[i, i]
+            wb[:, i:] -= err.unsqueeze(1) * hb[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
+    return _coded(codes, torch.stack(scales, 1), torch.stack(offsets, 1), bits, block)

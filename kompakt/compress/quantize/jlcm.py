@@ -1,0 +1,87 @@
+"""JLCM: jointly learnable codebooks and mappings (Yvinec, Dapogny, Bailly, ICLR 2024).
+
+For one layer with weight ``W [rows, cols]`` and calibration input moments ``H = E[x x^T]``
+(:mod:`.calibration`), JLCM minimises the layer's output reconstruction error
+
+    L(C, I) = tr((Wq - W) H (Wq - W)^T),   Wq[r, c] = C[g(r), I[r, c]]
+
+jointly over the codebooks ``C`` (one per group of similarly distributed neurons, see
+:func:`.codebooks.neuron_groups`) and the mapping ``I`` of every weight to a codeword.
+
+1. **Start**: neuron groups, then per-group k-means weighted by input importance ``H[c, c]``.
+2. **Straight-through gradient**: ``G = dL/dWq = 2 (Wq - W) H`` is computed once per step on
+   the decoded weight and passed straight through to both the codebook and the mapping.
+3. **Codebook step**: each codeword moves by its summed gradient over the summed diagonal
+   curvature of the weights mapped to it (a diagonal Newton step, damped by ``rho``), then
+   is rounded to fp16, the stored precision.
+4. **Proximal mapping step**: each weight picks the codeword ``j`` minimising
+   ``G (C_j - Wq) + rho * H[c, c] * (C_j - Wq)^2``, i.e. the codeword nearest to
+   ``Wq - G / (2 rho H[c, c])``. The linear gradient term alone would favour the codeword
+   furthest away along ``-G`` (the extreme values of the codebook); the proximal term makes the
+   pull of a codeword decrease with its distance, so weights move to neighbouring codewords
+   unless the gradient is large.
+5. **Trust region**: a joint step is kept only if ``L`` decreases; otherwise ``rho`` doubles and
+   the step is retried. Accepted steps relax ``rho``. The result is never worse than the start.
+
+The rows' group ids cost ``ceil(log2(groups))`` bits per row, counted in the size.
+Deviation from the paper: it learns codebooks and mappings with gradient-based PTQ over
+calibration batches; here the same per-layer objective is written through ``H`` so each step
+costs one ``[rows, cols] x [cols, cols]`` product, independent of the calibration size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kompakt.compress.quantize.codebooks import kmeans_coded, nearest_codes
+from kompakt.compress.quantize.layers import CodedWeight
+
+
+def jlcm_coded(
+    w: torch.Tensor,
+    h: torch.Tensor | None,
+    bits: int,
+    groups: int,
+    steps: int,
+    kmeans_iters: int = 25,
+) -> tuple[CodedWeight, dict[str, Any]]:
+    """Quantize ``w`` by JLCM; returns the coded weight and the error before and after learning."""
+    coded = kmeans_coded(w, h, bits, groups, kmeans_iters)
+    group = coded.group_of_rows()
+    k = 1 << bits
+    h = torch.eye(w.shape[1]) if h is None else h
+    curvature = torch.diagonal(h).clamp_min(1e-12 * float(torch.diagonal(h).max().clamp_min(1e-30)))
+    norm = float(((w @ h) * w).sum().clamp_min(1e-30))
+    slots = coded.groups * k
+
+    def error(codebook: torch.Tensor, codes: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        wq = torch.gather(codebook[group], 1, codes)
+        e = wq - w
+        eh = e @ h
+        return float((eh * e).sum()) / norm, wq, eh
+
+    codebook, codes = coded.codebook.clone(), coded.codes
+    start, wq, eh = error(codebook, codes)
+    best = start
+    rho, accepted = 1.0, 0
+    for _ in range(steps):
+        grad = 2 * eh
+        slot = (group.unsqueeze(1) * k + codes).reshape(-1)
+        g_sum = torch.zeros(slots).index_add_(0, slot, grad.reshape(-1))
+        c_sum = torch.zeros(slots).index_add_(0, slot, (2 * curvature).expand_as(w).reshape(-1))
+        step = torch.where(c_sum > 0, g_sum / (rho * c_sum.clamp_min(1e-30)), torch.zeros(()))
+        new_codebook = (codebook - step.view(-1, k)).to(torch.float16).float()
+        target = wq - grad / (2 * rho * curvature)
+        new_codes = nearest_codes(target, new_codebook[group])
+        candidate, new_wq, new_eh = error(new_codebook, new_codes)
+        if candidate < best:
+            best, codebook, codes, wq, eh = candidate, new_codebook, new_codes, new_wq, new_eh
+            rho, accepted = max(rho * 0.7, 0.5), accepted + 1
+        else:
+            rho *= 2.0
+            if rho > 1e6:
+                break
+    coded.codebook, coded.codes = codebook, codes
+    return coded, {"start_error": start, "error": best, "accepted_steps": accepted}
