@@ -27,7 +27,9 @@ def _grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.clamp(torch.round((w - offset.unsqueeze(1)) / scale.unsqueeze(1)), 0, (1 << bits) - 1).long()
+    return torch.clamp(
+        torch.round((w - offset.unsqueeze(1)) / scale.unsqueeze(1)), 0, (1 << bits) - 1
+    ).long()
 
 
 def _coded(codes, scales, offsets, bits, block) -> CodedWeight:
@@ -58,7 +60,9 @@ def rtn_coded(w: torch.Tensor, bits: int, block: int) -> CodedWeight:
     return _coded(codes, torch.stack(scales, 1), torch.stack(offsets, 1), bits, block)
 
 
-def gptq_coded(w: torch.Tensor, h: torch.Tensor, bits: int, block: int, damp: float = 0.01) -> CodedWeight:
+def gptq_coded(
+    w: torch.Tensor, h: torch.Tensor, bits: int, block: int, damp: float = 0.01
+) -> CodedWeight:
     """GPTQ with lazy batch updates; grids per ``block`` columns as in RTN."""
     rows, cols = w.shape
     block = min(block, cols)
@@ -68,7 +72,9 @@ def gptq_coded(w: torch.Tensor, h: torch.Tensor, bits: int, block: int, damp: fl
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    hinv = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True
+    ).float()
     codes = torch.empty(rows, cols, dtype=torch.int64)
     scales, offsets = [], []
     batch = 128

@@ -44,7 +44,9 @@ def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         groups = module.groups
         per_group = cols_all // groups
         # [b, groups, per_group, L] -> rows of one group each: groups share one averaged H
-        return patches.view(b, groups, per_group, positions).permute(0, 1, 3, 2).reshape(-1, per_group)
+        return (
+            patches.view(b, groups, per_group, positions).permute(0, 1, 3, 2).reshape(-1, per_group)
+        )
     return x.reshape(-1, x.shape[-1])
 
 

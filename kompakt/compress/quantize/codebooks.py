@@ -17,8 +17,11 @@ import torch
 
 from kompakt.compress.quantize.layers import CodedWeight
 
+MAX_GROUPS = 1024
+"""Most neuron groups per layer (an embedding table of 49k rows gets 1024 groups of 48)."""
 
-def neuron_groups(w: torch.Tensor, groups: int, iters: int = 15) -> torch.Tensor:
+
+def neuron_groups(w: torch.Tensor, groups: int, iters: int = 10) -> torch.Tensor:
     """The group (``0..groups-1``) of every row of ``w``, by k-means on row quantiles."""
     rows = w.shape[0]
     if groups <= 1:
@@ -34,7 +37,8 @@ def neuron_groups(w: torch.Tensor, groups: int, iters: int = 15) -> torch.Tensor
     for _ in range(iters):
         counts = torch.bincount(assign, minlength=groups).clamp_min(1).unsqueeze(1)
         centers = torch.zeros(groups, features.shape[1]).index_add_(0, assign, features) / counts
-        new = torch.cdist(features, centers).argmin(1)
+        # nearest center by ||c||^2 - 2 f.c (one matrix product)
+        new = ((centers * centers).sum(1) - 2 * features @ centers.T).argmin(1)
         if torch.equal(new, assign):
             break
         assign = new
@@ -43,13 +47,19 @@ def neuron_groups(w: torch.Tensor, groups: int, iters: int = 15) -> torch.Tensor
     return assign
 
 
-def nearest_codes(target: torch.Tensor, codebook_rows: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def nearest_codes(
+    target: torch.Tensor, codebook_rows: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
     """For each ``target[r, c]`` the index of the nearest value in ``codebook_rows[r]``."""
+    values, order = codebook_rows.sort(dim=1)
+    midpoints = (values[:, 1:] + values[:, :-1]) / 2
     out = torch.empty(target.shape, dtype=torch.int64)
-    for start in range(0, target.shape[0], chunk):
-        t = target[start : start + chunk].unsqueeze(-1)
-        cb = codebook_rows[start : start + chunk].unsqueeze(1)
-        out[start : start + chunk] = (t - cb).abs().argmin(-1)
+    for start in range(0, target.shape[0], chunk):  # row chunks stay in cache
+        part, mids = target[start : start + chunk], midpoints[start : start + chunk]
+        rank = torch.zeros(part.shape, dtype=torch.uint8)
+        for j in range(mids.shape[1]):  # rank among the sorted codewords = midpoints passed
+            rank += part > mids[:, j : j + 1]
+        out[start : start + chunk] = order[start : start + chunk].gather(1, rank.long())
     return out
 
 
@@ -68,15 +78,14 @@ def weighted_kmeans(
     counts = torch.bincount(group, minlength=groups).clamp_min(1).unsqueeze(1)
     codebook = torch.zeros(groups, k).index_add_(0, group, row_q) / counts
     weight = importance.clamp_min(1e-12).expand_as(w)
-    flat_weight = weight.reshape(-1)
+    weighted = w * weight
     for _ in range(iters):
         codebook = codebook.sort(dim=1).values
         codes = nearest_codes(w, codebook[group])
-        slot = (group.unsqueeze(1) * k + codes).reshape(-1)
-        num = torch.zeros(groups * k).index_add_(0, slot, (w * weight).reshape(-1))
-        den = torch.zeros(groups * k).index_add_(0, slot, flat_weight)
+        num = codeword_sums(codes, weighted, group, groups, k)
+        den = codeword_sums(codes, weight, group, groups, k)
         # an empty codeword keeps its value
-        new = torch.where(den > 0, num / den.clamp_min(1e-30), codebook.reshape(-1)).view(groups, k)
+        new = torch.where(den > 0, num / den.clamp_min(1e-30), codebook)
         if torch.allclose(new, codebook, rtol=0, atol=1e-7):
             break
         codebook = new
@@ -84,9 +93,17 @@ def weighted_kmeans(
     return codebook, nearest_codes(w, codebook[group])
 
 
+def codeword_sums(
+    codes: torch.Tensor, values: torch.Tensor, group: torch.Tensor, groups: int, k: int
+) -> torch.Tensor:
+    """``[groups, k]``: the sum of ``values`` over the weights mapped to each group's codeword."""
+    per_row = torch.zeros(codes.shape[0], k).scatter_add_(1, codes, values)
+    return torch.zeros(groups, k).index_add_(0, group, per_row)
+
+
 def group_count(rows: int, rows_per_group: int) -> int:
     """How many neuron groups a layer of ``rows`` output neurons gets."""
-    return max(1, min(rows, round(rows / rows_per_group)))
+    return max(1, min(rows, MAX_GROUPS, round(rows / rows_per_group)))
 
 
 def kmeans_coded(
@@ -101,7 +118,9 @@ def kmeans_coded(
     groups = int(group.max()) + 1
     importance = torch.ones(w.shape[1]) if h is None else torch.diagonal(h).clone()
     codebook, codes = weighted_kmeans(w, group, bits, importance, iters)
-    implicit = groups in (1, w.shape[0]) and torch.equal(group, _implicit_groups(w.shape[0], groups))
+    implicit = groups in (1, w.shape[0]) and torch.equal(
+        group, _implicit_groups(w.shape[0], groups)
+    )
     return CodedWeight(
         codes=codes,
         bits=bits,

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from kompakt.compress.quantize.codebooks import kmeans_coded, nearest_codes
+from kompakt.compress.quantize.codebooks import codeword_sums, kmeans_coded, nearest_codes
 from kompakt.compress.quantize.layers import CodedWeight
 
 
@@ -54,9 +54,11 @@ def jlcm_coded(
     h = torch.eye(w.shape[1]) if h is None else h
     curvature = torch.diagonal(h).clamp_min(1e-12 * float(torch.diagonal(h).max().clamp_min(1e-30)))
     norm = float(((w @ h) * w).sum().clamp_min(1e-30))
-    slots = coded.groups * k
+    two_curvature = (2 * curvature).expand_as(w)
 
-    def error(codebook: torch.Tensor, codes: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def error(
+        codebook: torch.Tensor, codes: torch.Tensor
+    ) -> tuple[float, torch.Tensor, torch.Tensor]:
         wq = torch.gather(codebook[group], 1, codes)
         e = wq - w
         eh = e @ h
@@ -68,11 +70,10 @@ def jlcm_coded(
     rho, accepted = 1.0, 0
     for _ in range(steps):
         grad = 2 * eh
-        slot = (group.unsqueeze(1) * k + codes).reshape(-1)
-        g_sum = torch.zeros(slots).index_add_(0, slot, grad.reshape(-1))
-        c_sum = torch.zeros(slots).index_add_(0, slot, (2 * curvature).expand_as(w).reshape(-1))
+        g_sum = codeword_sums(codes, grad, group, coded.groups, k)
+        c_sum = codeword_sums(codes, two_curvature, group, coded.groups, k)
         step = torch.where(c_sum > 0, g_sum / (rho * c_sum.clamp_min(1e-30)), torch.zeros(()))
-        new_codebook = (codebook - step.view(-1, k)).to(torch.float16).float()
+        new_codebook = (codebook - step).to(torch.float16).float()
         target = wq - grad / (2 * rho * curvature)
         new_codes = nearest_codes(target, new_codebook[group])
         candidate, new_wq, new_eh = error(new_codebook, new_codes)

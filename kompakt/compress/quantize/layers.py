@@ -6,8 +6,9 @@ is stored as
 - ``codes``: one ``bits``-bit code per weight, bit-packed row by row (see :mod:`.packing`);
 - ``codebook``: fp16 ``[C, 2**bits]``, one codebook per row group (``C == groups``) or one for
   the whole tensor (``C == 1``);
-- ``row_group``: the group of each row, packed at ``ceil(log2(groups))`` bits per row; absent
-  when there is one group or one group per row (then the group of row ``r`` is ``r``);
+- ``row_group``: the group of each row, packed at ``ceil(log2(groups))`` bits per row (int16
+  above 8 bits); absent when there is one group or one group per row (then the group of
+  row ``r`` is ``r``);
 - optional ``scales`` and ``offsets``: fp16 ``[groups, ceil(cols / block)]``.
 
 and decodes to ``W[r, c] = codebook[g(r), code[r, c]] * scales[g(r), c // block] + offsets[...]``.
@@ -91,6 +92,18 @@ def group_bits(groups: int, rows: int) -> int:
     return 0 if groups in (1, rows) else max(1, math.ceil(math.log2(groups)))
 
 
+def pack_row_groups(row_group: torch.Tensor, groups: int) -> torch.Tensor:
+    """The row-to-group map as stored: packed ``uint8 [1, bytes]``, or ``int16 [rows]``."""
+    bits = group_bits(groups, len(row_group))
+    return row_group.to(torch.int16) if bits > 8 else pack_codes(row_group[None], bits)
+
+
+def unpack_row_groups(stored: torch.Tensor, groups: int, rows: int) -> torch.Tensor:
+    if stored.dtype == torch.int16:
+        return stored.long()
+    return unpack_codes(stored, group_bits(groups, rows), rows)[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Shapes of a coded weight's stored tensors; recorded in the plan to rebuild the layer."""
@@ -123,12 +136,15 @@ class Layout:
     def empty_buffers(self) -> dict[str, torch.Tensor]:
         blocks = -(-self.cols // self.block)
         buffers = {
-            "codes": torch.zeros(self.rows, packed_row_bytes(self.cols, self.bits), dtype=torch.uint8),
+            "codes": torch.zeros(
+                self.rows, packed_row_bytes(self.cols, self.bits), dtype=torch.uint8
+            ),
             "codebook": torch.zeros(self.codebooks, 1 << self.bits, dtype=torch.float16),
         }
-        row_bits = group_bits(self.groups, self.rows)
-        if row_bits:
-            buffers["row_group"] = torch.zeros(1, packed_row_bytes(self.rows, row_bits), dtype=torch.uint8)
+        if group_bits(self.groups, self.rows):
+            buffers["row_group"] = pack_row_groups(
+                torch.zeros(self.rows, dtype=torch.int64), self.groups
+            )
         if self.scales:
             buffers["scales"] = torch.zeros(self.groups, blocks, dtype=torch.float16)
         if self.offsets:
@@ -153,11 +169,13 @@ class CodedLayer(nn.Module):
     def fill(self, coded: CodedWeight) -> None:
         """Store ``coded`` (packed codes, fp16 codebook and scales) in this layer's buffers."""
         if Layout.of(coded, self.layout.method) != self.layout:
-            raise KompaktError(f"coded weight layout {Layout.of(coded, self.layout.method)} != {self.layout}")
+            raise KompaktError(
+                f"coded weight layout {Layout.of(coded, self.layout.method)} != {self.layout}"
+            )
         self.codes = pack_codes(coded.codes, coded.bits)
         self.codebook = coded.codebook.to(torch.float16)
         if self.row_group is not None:
-            self.row_group = pack_codes(coded.row_group[None], group_bits(coded.groups, self.layout.rows))
+            self.row_group = pack_row_groups(coded.row_group, coded.groups)
         if coded.scales is not None:
             self.scales = coded.scales.to(torch.float16)
         if coded.offsets is not None:
@@ -167,7 +185,7 @@ class CodedLayer(nn.Module):
         lay = self.layout
         row_group = None
         if self.row_group is not None:
-            row_group = unpack_codes(self.row_group, group_bits(lay.groups, lay.rows), lay.rows)[0]
+            row_group = unpack_row_groups(self.row_group, lay.groups, lay.rows)
         return _group_of_rows(lay.rows, lay.groups, row_group)
 
     def decoded_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,7 +206,9 @@ class CodedLayer(nn.Module):
     def weight_bits(self) -> int:
         """Stored bits of the coded weight: codes, codebooks, row groups, scales, offsets."""
         names = ("codes", "codebook", "row_group", "scales", "offsets")
-        return sum(t.numel() * t.element_size() * 8 for n in names if (t := getattr(self, n)) is not None)
+        return sum(
+            t.numel() * t.element_size() * 8 for n in names if (t := getattr(self, n)) is not None
+        )
 
     def bits_per_weight(self) -> float:
         return self.weight_bits() / (self.layout.rows * self.layout.cols)
@@ -228,7 +248,11 @@ class CodebookLinear(CodedLayer):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def layer_args(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.decoded_rows().to(x.dtype), self.bias)
@@ -275,7 +299,15 @@ class CodebookConv2d(CodedLayer):
         return self.decoded_rows().view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.kernel().to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(
+            x,
+            self.kernel().to(x.dtype),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
 
 class CodebookEmbedding(CodedLayer):
@@ -283,9 +315,15 @@ class CodebookEmbedding(CodedLayer):
 
     layer_kind = "embedding"
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, layout: Layout) -> None:
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, layout: Layout
+    ) -> None:
         super().__init__(layout)
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.num_embeddings, self.embedding_dim, self.padding_idx = (
+            num_embeddings,
+            embedding_dim,
+            padding_idx,
+        )
 
     def layer_args(self) -> dict[str, Any]:
         return {
@@ -310,10 +348,14 @@ def coded_layer_for(module: nn.Module, coded: CodedWeight, method: str) -> Coded
     """A Codebook layer replacing dense ``module``, holding ``coded`` and the module's bias."""
     layout = Layout.of(coded, method)
     if isinstance(module, nn.Linear):
-        layer: CodedLayer = CodebookLinear(module.in_features, module.out_features, module.bias is not None, layout)
+        layer: CodedLayer = CodebookLinear(
+            module.in_features, module.out_features, module.bias is not None, layout
+        )
     elif isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros":
-            raise KompaktError(f"Conv2d with padding_mode={module.padding_mode!r} cannot be coded; skip it")
+            raise KompaktError(
+                f"Conv2d with padding_mode={module.padding_mode!r} cannot be coded; skip it"
+            )
         layer = CodebookConv2d(
             module.in_channels,
             module.out_channels,
@@ -326,9 +368,13 @@ def coded_layer_for(module: nn.Module, coded: CodedWeight, method: str) -> Coded
             layout,
         )
     elif isinstance(module, nn.Embedding):
-        layer = CodebookEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, layout)
+        layer = CodebookEmbedding(
+            module.num_embeddings, module.embedding_dim, module.padding_idx, layout
+        )
     else:
-        raise KompaktError(f"{type(module).__name__} has no Codebook layer (Linear, Conv2d, Embedding have)")
+        raise KompaktError(
+            f"{type(module).__name__} has no Codebook layer (Linear, Conv2d, Embedding have)"
+        )
     layer.fill(coded)
     bias = getattr(module, "bias", None)
     if bias is not None:
@@ -346,7 +392,9 @@ def _replay(model: nn.Module, entry: dict[str, Any]) -> None:
     """Replace ``entry['module']`` by an empty Codebook layer of the recorded layout."""
     missing = [f for f in ("module", "layer", "args", "layout") if f not in entry]
     if missing:
-        raise KompaktError(f"plan entry {PLAN_KIND}: field(s) {', '.join(missing)} missing; re-create the artifact")
+        raise KompaktError(
+            f"plan entry {PLAN_KIND}: field(s) {', '.join(missing)} missing; re-create the artifact"
+        )
     cls = LAYERS.get(entry["layer"])
     if cls is None:
         raise KompaktError(
@@ -358,5 +406,25 @@ def _replay(model: nn.Module, entry: dict[str, Any]) -> None:
         layout = Layout(**entry["layout"])
         layer = cls(**entry["args"], layout=layout)
     except (AttributeError, TypeError) as e:
-        raise KompaktError(f"plan entry {PLAN_KIND} for {entry['module']!r}: {e}; re-create the artifact") from e
+        raise KompaktError(
+            f"plan entry {PLAN_KIND} for {entry['module']!r}: {e}; re-create the artifact"
+        ) from e
     model.set_submodule(entry["module"], layer)
+
+
+def summarize(
+    model: nn.Module, reports: dict[str, dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """Bits per weight over the coded layers (codes, codebooks, scales, row groups), and their errors."""
+    # tied layers (an embedding sharing lm_head's codes) count once
+    unique = list({id(m.codes): m for m in model.modules() if isinstance(m, CodedLayer)}.values())
+    weights = sum(m.layout.rows * m.layout.cols for m in unique)
+    stored = sum(m.weight_bits() for m in unique)
+    errors = [r["error"] for r in reports.values()]
+    return {
+        "coded_layers": len(reports),
+        "bits_per_weight": stored / weights if weights else 0.0,
+        "coded_weight_bytes": stored // 8,
+        "mean_layer_error": sum(errors) / len(errors) if errors else 0.0,
+        "seconds": round(seconds, 2),
+    }

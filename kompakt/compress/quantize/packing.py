@@ -39,7 +39,9 @@ def packed_row_bytes(cols: int, bits: int) -> int:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[rows, cols]`` (values below ``2**bits``) into uint8 ``[rows, bytes]``."""
     if codes.dim() != 2:
-        raise KompaktError(f"pack_codes expects a 2-D [rows, cols] tensor, got shape {tuple(codes.shape)}")
+        raise KompaktError(
+            f"pack_codes expects a 2-D [rows, cols] tensor, got shape {tuple(codes.shape)}"
+        )
     per_chunk, chunk_bytes = chunk_layout(bits)
     codes = codes.to(torch.int64)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):

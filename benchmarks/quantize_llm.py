@@ -1,0 +1,154 @@
+"""SmolLM2-135M on WikiText-2: fp, RTN, k-means, GPTQ and JLCM at several bits per weight.
+
+Protocol: perplexity over the first ``--windows`` (128) non-overlapping 512-token windows of
+the WikiText-2 *test* split; calibration on the first ``--calib`` (16) windows of *valid*
+only. Every quantized model is produced by ``quantize_checkpoint`` streaming the safetensors
+checkpoint block by block, in a fresh process per run so that its peak RSS is its own. All
+methods quantize every Linear layer and the tied embedding / lm_head table; fractional bits
+are per-layer mixes (the token table takes the wider width). RTN and GPTQ use asymmetric
+grids with an fp16 scale and offset per ``--block`` columns; k-means and JLCM one fp16
+codebook per group of 8 output neurons. Sizes are the artifact's safetensors file
+(codes, codebooks, scales, row groups, fp32 norms).
+
+Writes one JSON row per run to ``benchmarks/results/quantize_llm.jsonl``.
+
+    .venv/bin/python benchmarks/quantize_llm.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "quantize_llm.jsonl"
+# run order: the 3-bit and 2.5-bit comparisons first
+DEFAULT_RUNS = (
+    "fp:0,jlcm:3,gptq:3,rtn:3,kmeans:3,jlcm:2.5,gptq:2.5,jlcm:2,gptq:2,"
+    "jlcm:4,gptq:4,rtn:4,kmeans:4,rtn:2.5,kmeans:2.5,rtn:2,kmeans:2"
+)
+
+
+def prepare(work: Path, windows: int, calib: int) -> None:
+    """The safetensors checkpoint and the token windows, made once."""
+    from safetensors.torch import save_file
+
+    from kompakt.data import wikitext2_windows
+    from kompakt.models import load_smollm2
+
+    ckpt = work / "checkpoint"
+    if (work / "windows.safetensors").exists() and (ckpt / "config.json").exists():
+        return
+    model, tokenizer = load_smollm2()
+    model.save_pretrained(str(ckpt))
+    test = wikitext2_windows(tokenizer, "test", 512, windows)
+    valid = wikitext2_windows(tokenizer, "valid", 512, calib)
+    save_file({"test": test, "valid": valid}, str(work / "windows.safetensors"))
+
+
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch: int = 2) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), batch):
+            part = ids[start : start + batch]
+            logits = model(part, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(loss)
+            count += part[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def one_run(work: Path, method: str, bits: float, block: int, steps: int) -> dict:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import kompakt
+    from kompakt.compress.quantize import QuantizeConfig, quantize_checkpoint
+
+    windows = load_file(str(work / "windows.safetensors"))
+    ckpt = work / "checkpoint"
+    t0 = time.perf_counter()
+    if method == "fp":
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+        size = (ckpt / "model.safetensors").stat().st_size
+        metrics = {"bits_per_weight": 32.0}
+    else:
+        config = QuantizeConfig(method=method, bits=bits, block=block, steps=steps)
+        model = quantize_checkpoint(ckpt, config, windows["valid"], progress=False)
+        metrics = kompakt.artifact.record_of(model).steps[-1]["metrics"]
+        out = work / "artifacts" / f"{method}-{bits}"
+        kompakt.save(model, out, overwrite=True)
+        size = (out / "model.safetensors").stat().st_size
+    seconds = time.perf_counter() - t0
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ppl = perplexity(model, windows["test"])
+    return {
+        "method": method,
+        "bits": bits,
+        "bits_per_weight": round(metrics["bits_per_weight"], 3),
+        "size_mb": round(size / 1e6, 2),
+        "perplexity": round(ppl, 3),
+        "compress_seconds": round(seconds, 1),
+        "peak_rss_mb": round(peak_rss / 1e6, 1),
+        "test_windows": len(windows["test"]),
+        "calib_windows": len(windows["valid"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="method:bits,... (fp:0 is the fp32 model)")
+    parser.add_argument("--windows", type=int, default=128, help="test windows for perplexity")
+    parser.add_argument("--calib", type=int, default=16, help="valid windows for calibration")
+    parser.add_argument("--block", type=int, default=128, help="rtn/gptq columns per scale")
+    parser.add_argument("--steps", type=int, default=60, help="jlcm steps per layer")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "quantize_llm")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "BITS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        row = one_run(args.work, args.one[0], float(args.one[1]), args.block, args.steps)
+        print("ROW " + json.dumps(row))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    prepare(args.work, args.windows, args.calib)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+        "command": "benchmarks/quantize_llm.py " + " ".join(sys.argv[1:]),
+        "block": args.block,
+        "jlcm_steps": args.steps,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for run in args.runs.split(","):
+        method, bits = run.split(":")
+        child = [sys.executable, __file__, "--one", method, bits, "--work", str(args.work)]
+        child += ["--block", str(args.block), "--steps", str(args.steps), "--threads", str(args.threads)]
+        done = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
+        rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+        if done.returncode or not rows:
+            print(f"{run}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+            continue
+        row = {**meta, **json.loads(rows[-1])}
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

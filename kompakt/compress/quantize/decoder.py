@@ -1,0 +1,354 @@
+"""Quantize a decoder language model (transformers Llama family) one block at a time.
+
+The calibration token windows are embedded once; then for each decoder block the fp weights
+are loaded (from memory, or streamed from a safetensors checkpoint by
+:func:`quantize_checkpoint`), the input moments of its Linear layers are collected on the
+current hidden states, the layers are quantized, and the hidden states are pushed through the
+quantized block to calibrate the next one. Peak memory is one fp block plus the calibration
+activations plus the already compressed blocks.
+
+With ``work_dir`` every finished block is written there (its tensors, the hidden states after
+it, and ``progress.json`` last, each atomically), and a later call with the same config and
+calibration resumes after the last finished block; the result is bit-identical to an
+uninterrupted run. The tied input embedding / ``lm_head`` table is quantized last, as
+``lm_head`` calibrated on the final hidden states, and the embedding shares its codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from kompakt import artifact
+from kompakt.compress.quantize.calibration import InputMoments, record_inputs
+from kompakt.compress.quantize.config import BitBudget, QuantizeConfig, quantizable, quantize_weight
+from kompakt.compress.quantize.layers import (
+    PLAN_KIND,
+    CodebookEmbedding,
+    CodedLayer,
+    coded_layer_for,
+    summarize,
+    weight_matrix,
+)
+from kompakt.config import to_dict
+from kompakt.errors import KompaktError
+
+PROGRESS_FILE = "progress.json"
+BATCH = 4  # calibration windows per block forward
+
+
+def is_decoder_lm(model: nn.Module) -> bool:
+    base = getattr(model, "model", None)
+    return all(
+        hasattr(base, a) for a in ("layers", "embed_tokens", "norm", "rotary_emb")
+    ) and hasattr(model, "lm_head")
+
+
+def _causal_mask(seq: int) -> torch.Tensor:
+    return torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+
+
+def _run_block(
+    block: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    mask = _causal_mask(hidden.shape[1])
+    out = []
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], BATCH):
+            part = hidden[start : start + BATCH]
+            cos, sin = rope
+            out.append(block(part, attention_mask=mask, position_embeddings=(cos, sin)))
+    return torch.cat(out)
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """The work directory of a resumable run: finished blocks, hidden states, plan so far."""
+
+    def __init__(self, work_dir: Path, fingerprint: str) -> None:
+        self.dir = work_dir
+        self.fingerprint = fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict[str, Any] | None:
+        path = self.dir / PROGRESS_FILE
+        if not path.exists():
+            return None
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            raise KompaktError(
+                f"{path}: this work directory belongs to a run with another config, model or "
+                "calibration; use a new --work-dir or delete it to start over"
+            )
+        return state
+
+    def save(
+        self, block: int, module: nn.Module, hidden: torch.Tensor, state: dict[str, Any]
+    ) -> None:
+        tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
+        _write_atomic(self.dir / f"block_{block:04d}.safetensors", lambda p: save_file(tensors, p))
+        _write_atomic(
+            self.dir / f"hidden_{block:04d}.safetensors", lambda p: save_file({"hidden": hidden}, p)
+        )
+        payload = json.dumps(
+            {**state, "fingerprint": self.fingerprint, "blocks_done": block + 1}, indent=1
+        )
+        _write_atomic(self.dir / PROGRESS_FILE, lambda p: Path(p).write_text(payload))
+        old = self.dir / f"hidden_{block - 1:04d}.safetensors"
+        old.unlink(missing_ok=True)
+
+    def restore_block(self, block: int, module: nn.Module) -> None:
+        module.load_state_dict(
+            load_file(str(self.dir / f"block_{block:04d}.safetensors")), assign=True
+        )
+
+    def hidden(self, block: int) -> torch.Tensor:
+        return load_file(str(self.dir / f"hidden_{block:04d}.safetensors"))["hidden"]
+
+
+def _replay_entries(model: nn.Module, entries: list[dict[str, Any]]) -> None:
+    handler = artifact._PLAN_HANDLERS[PLAN_KIND]
+    for entry in entries:
+        handler(model, entry)
+
+
+def quantize_decoder(
+    model: nn.Module,
+    config: QuantizeConfig,
+    calibration: torch.Tensor,
+    *,
+    load_block: Callable[[int, nn.Module], None] | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    source_fingerprint: str = "",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Quantize ``model``'s blocks and its token table in place; returns per-layer reports.
+
+    ``calibration`` is a ``[windows, seq]`` tensor of token ids. ``load_block(i, block)``
+    materialises block ``i``'s fp weights before it is quantized (streaming).
+    """
+    if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+        raise KompaktError(
+            f"decoder calibration must be token ids [windows, seq] (int64), got {tuple(calibration.shape)} "
+            f"{calibration.dtype}"
+        )
+    base = model.model
+    record = artifact.record_of(model)
+    seq = calibration.shape[1]
+    with torch.no_grad():
+        hidden = base.embed_tokens(calibration).float()
+        rope = base.rotary_emb(hidden[:1], torch.arange(seq)[None])
+    budget = BitBudget(config.bits)
+    head = not config.skips("lm_head")
+    tied = model.lm_head.weight is base.embed_tokens.weight
+    # the token table (a fifth of a small LM) is sensitive: it gets the wider code when the
+    # budget allows, paid for by the blocks
+    table = model.lm_head.weight.numel() if head else 0
+    block_weights = len(base.layers) * sum(
+        m.weight.numel() for m in quantizable(base.layers[0], config, "model.layers.0.").values()
+    )
+    head_width = budget.low
+    if not budget.uniform and budget.fraction * (block_weights + table) >= table:
+        head_width = budget.low + 1
+        budget.carry = (budget.fraction - 1) * table
+
+    fingerprint = hashlib.sha256(
+        json.dumps([to_dict(config), source_fingerprint]).encode()
+        + calibration.contiguous().numpy().tobytes()
+    ).hexdigest()
+    saved = _Progress(Path(work_dir), fingerprint) if work_dir is not None else None
+    state = saved.load() if saved else None
+    reports: dict[str, dict[str, Any]] = {}
+    done: list[dict[str, Any]] = []  # plan entries of the finished blocks
+    start = 0
+    if state:
+        start, budget.carry = state["blocks_done"], state["carry"]
+        reports, done = state["reports"], state["plan"]
+        _replay_entries(model, done)
+        for i in range(start):
+            saved.restore_block(i, base.layers[i])
+        record.plan.extend(done)
+        hidden = saved.hidden(start - 1)
+
+    n_blocks = len(base.layers)
+    bar = tqdm(
+        range(start, n_blocks), desc=f"quantize {config.method}", unit="block", disable=not progress
+    )
+    for i in bar:
+        block = base.layers[i]
+        if load_block is not None:
+            load_block(i, block)
+        prefix = f"model.layers.{i}."
+        layers = quantizable(block, config, prefix)
+        with record_inputs(layers) as moments:
+            _run_block(block, hidden, rope)
+        hs = {n: moments[n].hessian() for n in layers}
+        widths = budget.allocate(
+            {n: (weight_matrix(m), hs[n]) for n, m in layers.items()}, config.block
+        )
+        entries = []
+        for name, module in layers.items():
+            t0 = time.perf_counter()
+            bar.set_postfix_str(name)
+            coded, info = quantize_weight(weight_matrix(module), hs[name], widths[name], config)
+            layer = coded_layer_for(module, coded, config.method)
+            block.set_submodule(name, layer)
+            entries.append(layer.plan_entry(prefix + name))
+            reports[prefix + name] = {
+                **info,
+                "bits": widths[name],
+                "seconds": time.perf_counter() - t0,
+            }
+        hidden = _run_block(block, hidden, rope)
+        record.plan.extend(entries)
+        done.extend(entries)
+        if saved:
+            saved.save(i, block, hidden, {"carry": budget.carry, "reports": reports, "plan": done})
+
+    if head:
+        # lm_head's input moments straight from the final hidden states (its logits are not needed)
+        moments = InputMoments(model.lm_head)
+        with torch.no_grad():
+            moments.add(base.norm(hidden))
+        h_head = moments.hessian()
+        t0 = time.perf_counter()
+        coded, info = quantize_weight(weight_matrix(model.lm_head), h_head, head_width, config)
+        lm_head = coded_layer_for(model.lm_head, coded, config.method)
+        model.lm_head = lm_head
+        record.plan.append(lm_head.plan_entry("lm_head"))
+        reports["lm_head"] = {**info, "bits": head_width, "seconds": time.perf_counter() - t0}
+        if tied:
+            embed = _shared_embedding(lm_head, base.embed_tokens)
+            base.embed_tokens = embed
+            record.plan.append(embed.plan_entry("model.embed_tokens"))
+    if not tied and not config.skips("model.embed_tokens"):
+        table = base.embed_tokens
+        coded, info = quantize_weight(weight_matrix(table), None, budget.low, config)
+        base.embed_tokens = coded_layer_for(table, coded, config.method)
+        record.plan.append(base.embed_tokens.plan_entry("model.embed_tokens"))
+        reports["model.embed_tokens"] = {**info, "bits": budget.low}
+    return reports
+
+
+def _shared_embedding(lm_head: CodedLayer, table: nn.Embedding) -> CodebookEmbedding:
+    """An embedding reading the same coded tensors as the tied ``lm_head``."""
+    embed = CodebookEmbedding(
+        table.num_embeddings, table.embedding_dim, table.padding_idx, lm_head.layout
+    )
+    for name in ("codes", "codebook", "row_group", "scales", "offsets"):
+        setattr(embed, name, getattr(lm_head, name))
+    return embed
+
+
+# --- streaming from a checkpoint ---------------------------------------------------------
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for a single file or a sharded index."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise KompaktError(
+            f"{folder}: no model.safetensors (or index); save the model with save_pretrained"
+        )
+    with safe_open(str(single), "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _read(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise KompaktError(
+            f"checkpoint lacks tensor {missing[0]!r}; is it a {len(names)}-tensor Llama checkpoint?"
+        )
+    out = {}
+    for name in names:
+        with safe_open(str(files[name]), "pt") as f:
+            out[name] = f.get_tensor(name).float()
+    return out
+
+
+def _materialise(module: nn.Module, files: dict[str, Path], prefix: str) -> None:
+    names = list(module.state_dict())
+    tensors = _read(files, [prefix + n for n in names])
+    module.load_state_dict({n: tensors[prefix + n] for n in names}, assign=True)
+
+
+def _file_sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(set(paths)):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def quantize_checkpoint(
+    folder: str | os.PathLike[str],
+    config: QuantizeConfig,
+    calibration: torch.Tensor,
+    *,
+    work_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize the transformers checkpoint in ``folder`` (``config.json`` + safetensors),
+    reading one decoder block at a time; returns the quantized model with its step recorded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise KompaktError(
+            f"{folder}: no config.json; point at a folder written by save_pretrained"
+        )
+    hf_config = AutoConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    if not is_decoder_lm(model):
+        raise KompaktError(f"{folder}: {type(model).__name__} is not a Llama-family decoder model")
+    files = _checkpoint_files(folder)
+    base = model.model
+    tied = model.lm_head.weight is base.embed_tokens.weight
+    _materialise(base.embed_tokens, files, "model.embed_tokens.")
+    _materialise(base.norm, files, "model.norm.")
+    if tied:
+        model.lm_head.weight = base.embed_tokens.weight
+    else:
+        _materialise(model.lm_head, files, "lm_head.")
+    base.rotary_emb = type(base.rotary_emb)(config=hf_config)
+
+    record = artifact.record_of(model)
+    record.source_sha256 = _file_sha256(list(files.values()))
+    with artifact.step(model, config.method, to_dict(config)) as metrics:
+        t0 = time.perf_counter()
+        reports = quantize_decoder(
+            model,
+            config,
+            calibration,
+            load_block=lambda i, block: _materialise(block, files, f"model.layers.{i}."),
+            work_dir=work_dir,
+            source_fingerprint=record.source_sha256,
+            progress=progress,
+        )
+        metrics.update(summarize(model, reports, time.perf_counter() - t0))
+    return model.eval()
