@@ -87,6 +87,58 @@ def _compress_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_quantize(args: argparse.Namespace) -> int:
+    import kompakt
+    from kompakt.compress import quantize
+    from kompakt.config import from_mapping
+
+    names = ("method", "bits", "codebook", "rows_per_group", "block", "steps", "skip")
+    fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    config = from_mapping(quantize.QuantizeConfig, fields, "kompakt compress quantize")
+    _refuse_existing_out(args)
+    source = Path(args.source)
+    if (source / "config.json").exists() and not (source / kompakt.artifact.MANIFEST_FILE).exists():
+        tokens = _wikitext_calibration(args.tokenizer or source, args.calib or 16)
+        model = quantize.quantize_checkpoint(source, config, tokens, work_dir=args.work_dir)
+    else:
+        model = kompakt.load(source)
+        if quantize.is_decoder_lm(model):
+            if args.tokenizer is None:
+                raise KompaktError(
+                    f"{source}: a language model artifact carries no tokenizer; pass --tokenizer "
+                    "FOLDER for the WikiText-2 calibration windows"
+                )
+            calibration = _wikitext_calibration(args.tokenizer, args.calib or 16)
+        else:
+            from kompakt.data import fashion_mnist
+
+            calibration = list(fashion_mnist("train")[0][: args.calib or 512].split(128))
+        quantize.quantize(model, config, calibration, work_dir=args.work_dir)
+    path = kompakt.save(model, args.out, overwrite=args.overwrite)
+    m = kompakt.artifact.record_of(model).steps[-1]["metrics"]
+    print(
+        f"quantize: {config.method} {m['coded_layers']} layers, {m['bits_per_weight']:.3f} bits per "
+        f"weight ({m['coded_weight_bytes']:,} bytes of coded weights) in {m['seconds']:.0f} s"
+    )
+    print(f"quantize: saved {path}")
+    return 0
+
+
+def _wikitext_calibration(tokenizer_folder, windows: int):
+    from transformers import AutoTokenizer
+
+    from kompakt.data import wikitext2_windows
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    except (OSError, ValueError) as e:
+        raise KompaktError(
+            f"{tokenizer_folder}: no tokenizer found ({e}); pass --tokenizer with a folder "
+            "written by tokenizer.save_pretrained"
+        ) from e
+    return wikitext2_windows(tokenizer, "valid", 512, windows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kompakt", description="Compress trained PyTorch models and ship them to devices."
@@ -166,6 +218,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed (default: 0)")
     p.add_argument("--limit", type=int, help="train on the first N training images (default: all)")
     p.set_defaults(func=_compress_prune)
+
+    p = methods.add_parser(
+        "quantize",
+        parents=[common],
+        help="quantize a model's Linear / Conv2d / Embedding layers (JLCM, GPTQ, RTN, k-means)",
+    )
+    p.add_argument(
+        "source",
+        help="a kompakt artifact, or a transformers checkpoint folder (config.json + "
+        "safetensors) streamed one block at a time",
+    )
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--method", choices=("jlcm", "gptq", "rtn", "kmeans"), help="(default: jlcm)")
+    p.add_argument(
+        "--bits", type=float, help="average code bits per weight, e.g. 3 or 2.5 (default: 3)"
+    )
+    p.add_argument(
+        "--codebook", choices=("group", "tensor"), help="jlcm/kmeans codebooks (default: group)"
+    )
+    p.add_argument("--rows-per-group", type=int, help="jlcm/kmeans neurons per group (default: 8)")
+    p.add_argument("--block", type=int, help="rtn/gptq columns per scale (default: 128)")
+    p.add_argument("--steps", type=int, help="jlcm joint-learning steps per layer (default: 100)")
+    p.add_argument("--skip", nargs="+", help="module names or patterns to keep dense")
+    p.add_argument(
+        "--calib",
+        type=int,
+        help="calibration: WikiText-2 valid 512-token windows for language models (default: 16), "
+        "Fashion-MNIST training images otherwise (default: 512)",
+    )
+    p.add_argument(
+        "--tokenizer", help="tokenizer folder (language models; default: the checkpoint)"
+    )
+    p.add_argument(
+        "--work-dir", help="language models: keep finished blocks here and resume from them"
+    )
+    p.set_defaults(func=_compress_quantize)
     return parser
 
 

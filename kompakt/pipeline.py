@@ -21,6 +21,7 @@ from torch import nn
 from kompakt import artifact
 from kompakt.compress.boost import BoostHeadConfig, boost_classifier_head, describe
 from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
+from kompakt.compress.quantize import QuantizeConfig, quantize
 from kompakt.config import check, from_mapping, to_dict
 from kompakt.errors import KompaktError
 from kompakt.train import TrainConfig, accuracy, train_classifier
@@ -141,6 +142,41 @@ def _boost(state: PipelineState, config: BoostHeadConfig) -> None:
     )
     metrics = boost_classifier_head(state.model, state.data("train"), state.data("test"), config)
     state.log(f"[boost] {describe(metrics, config.head)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeStageConfig(QuantizeConfig):
+    """:class:`QuantizeConfig` plus ``calibration``: training images the layers are calibrated on."""
+
+    calibration: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.calibration >= 1, f"calibration must be >= 1, got {self.calibration}")
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors as saved (shared tensors once)."""
+    tensors = {(t.data_ptr(), t.dtype): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@stage("quantize", QuantizeStageConfig)
+def _quantize(state: PipelineState, config: QuantizeStageConfig) -> None:
+    state.log(
+        f"[quantize] {config.method} at {config.bits:g} bits, calibrated on {config.calibration} "
+        "training images"
+    )
+    test = state.data("test")
+    acc, size = accuracy(state.model, *test), stored_bytes(state.model)
+    images = state.data("train")[0][: config.calibration]
+    quantize(state.model, config, list(images.split(128)))
+    m = artifact.record_of(state.model).steps[-1]["metrics"]
+    state.log(
+        f"[quantize] {m['coded_layers']} layers at {m['bits_per_weight']:.2f} bits per weight; "
+        f"size {size:,} -> {stored_bytes(state.model):,} bytes; test accuracy {acc:.2%} -> "
+        f"{accuracy(state.model, *test):.2%}"
+    )
 
 
 def load_recipe(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:

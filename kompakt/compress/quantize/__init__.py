@@ -46,24 +46,25 @@ def quantize(
     tuple or dict) or a list of batches.
     """
     model.eval()
+    decoder_lm = is_decoder_lm(model)
+    if decoder_lm and not isinstance(calibration, torch.Tensor):
+        raise KompaktError(
+            "calibration for a decoder language model must be a [windows, seq] token id tensor"
+        )
+    if not decoder_lm and work_dir is not None:
+        raise KompaktError("work_dir (resume) applies to decoder language models only")
+    layers = {} if decoder_lm else quantizable(model, config)
+    if not decoder_lm and not layers:
+        raise KompaktError(
+            f"{type(model).__name__} has no Linear, Conv2d or Embedding layer to quantize"
+        )
     with artifact.step(model, config.method, to_dict(config)) as metrics:
         t0 = time.perf_counter()
-        if is_decoder_lm(model):
-            if not isinstance(calibration, torch.Tensor):
-                raise KompaktError(
-                    "calibration for a decoder language model must be a [windows, seq] id tensor"
-                )
+        if decoder_lm:
             reports = quantize_decoder(
                 model, config, calibration, work_dir=work_dir, progress=progress
             )
         else:
-            if work_dir is not None:
-                raise KompaktError("work_dir (resume) applies to decoder language models only")
-            layers = quantizable(model, config)
-            if not layers:
-                raise KompaktError(
-                    f"{type(model).__name__} has no Linear, Conv2d or Embedding layer to quantize"
-                )
             reports = quantize_layers(model, layers, as_batches(calibration), config, progress)
             record = artifact.record_of(model)
             record.plan.extend(model.get_submodule(n).plan_entry(n) for n in reports)
@@ -93,6 +94,7 @@ __all__ = [
     "JLCMConfig",
     "QuantizeConfig",
     "jlcm",
+    "is_decoder_lm",
     "quantize",
     "quantize_checkpoint",
 ]

@@ -34,7 +34,7 @@ class QuantizeConfig:
     neurons) or ``tensor`` (one codebook per layer). rows_per_group: neurons per group on average.
     block: rtn / gptq: input columns sharing one scale and offset.
     steps: jlcm joint-learning steps per layer. kmeans_iters: k-means iterations.
-    damp: gptq Hessian damping (fraction of its mean diagonal).
+    damp: gptq / jlcm damping of the input moments H (fraction of their mean diagonal).
     skip: module names or fnmatch patterns kept dense (e.g. ``"*.lm_head"``).
     """
 
@@ -81,7 +81,7 @@ def quantize_weight(
     groups = 1 if config.codebook == "tensor" else group_count(w.shape[0], config.rows_per_group)
     info: dict[str, Any] = {}
     if config.method == "jlcm":
-        coded, info = jlcm_coded(w, h, bits, groups, config.steps, config.kmeans_iters)
+        coded, info = jlcm_coded(w, h, bits, groups, config.steps, config.kmeans_iters, config.damp)
     elif config.method == "kmeans":
         coded = kmeans_coded(w, h, bits, groups, config.kmeans_iters)
     elif config.method == "gptq" and h is not None:

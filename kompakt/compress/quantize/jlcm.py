@@ -46,12 +46,15 @@ def jlcm_coded(
     groups: int,
     steps: int,
     kmeans_iters: int = 25,
+    damp: float = 0.01,
 ) -> tuple[CodedWeight, dict[str, Any]]:
     """Quantize ``w`` by JLCM; returns the coded weight and the error before and after learning."""
     coded = kmeans_coded(w, h, bits, groups, kmeans_iters)
     group = coded.group_of_rows()
     k = 1 << bits
     h = torch.eye(w.shape[1]) if h is None else h
+    # damping keeps directions the calibration barely excites from absorbing large errors
+    h = h + damp * torch.diagonal(h).mean() * torch.eye(w.shape[1])
     curvature = torch.diagonal(h).clamp_min(1e-12 * float(torch.diagonal(h).max().clamp_min(1e-30)))
     norm = float(((w @ h) * w).sum().clamp_min(1e-30))
     two_curvature = (2 * curvature).expand_as(w)

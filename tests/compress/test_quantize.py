@@ -1,0 +1,288 @@
+"""Quantization: packing, Codebook layers, the four solvers, bit allocation, save/load, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kompakt
+from kompakt import artifact
+from kompakt.compress import quantize
+from kompakt.compress.quantize import decoder
+from kompakt.compress.quantize.affine import gptq_coded, rtn_coded
+from kompakt.compress.quantize.calibration import output_error
+from kompakt.compress.quantize.codebooks import group_count, kmeans_coded, neuron_groups
+from kompakt.compress.quantize.jlcm import jlcm_coded
+from kompakt.compress.quantize.layers import CodedLayer, coded_layer_for
+from kompakt.compress.quantize.packing import pack_codes, packed_row_bytes, unpack_codes
+from kompakt.errors import KompaktError
+from kompakt.summary import inspect_artifact
+from tests.models import tiny_cnn, tiny_llama
+
+
+def _layer_problem(seed: int = 0, rows: int = 96, cols: int = 64):
+    """A weight with rows of different scales and correlated, unevenly scaled inputs."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 0.1
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    scale = torch.rand(cols, generator=g) * 3
+
+    def inputs(n):
+        return torch.randn(n, cols, generator=g) @ mix * scale
+
+    calib, held_out = inputs(2048), inputs(2048)
+    return w, calib.T @ calib / len(calib), held_out.T @ held_out / len(held_out)
+
+
+# --- packing --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("shape", [(511, 350), (1, 1), (3, 7), (2, 24)])
+def test_pack_unpack_is_identity(bits, shape):
+    codes = torch.randint(0, 1 << bits, shape, generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert torch.equal(unpack_codes(packed, bits, shape[1]), codes)
+
+
+@pytest.mark.parametrize(("bits", "row_bytes"), [(2, 88), (3, 132), (4, 175)])
+def test_packing_is_dense(bits, row_bytes):
+    # 350 codes: 2-bit four to a byte; 3-bit eight to three bytes (last chunk padded); 4-bit two
+    assert packed_row_bytes(350, bits) == row_bytes
+    assert pack_codes(torch.zeros(5, 350, dtype=torch.long), bits).shape == (5, row_bytes)
+
+
+def test_pack_rejects_codes_out_of_range():
+    with pytest.raises(KompaktError, match=r"\[0, 7\]"):
+        pack_codes(torch.tensor([[0, 8]]), 3)
+    with pytest.raises(KompaktError, match="1..8"):
+        pack_codes(torch.tensor([[0]]), 9)
+
+
+# --- codebook layers ------------------------------------------------------------------------
+
+
+def _solvers(w, h, bits):
+    groups = group_count(w.shape[0], 8)
+    return {
+        "rtn": rtn_coded(w, bits, 16),
+        "gptq": gptq_coded(w, h, bits, 16),
+        "kmeans": kmeans_coded(w, h, bits, groups),
+        "jlcm": jlcm_coded(w, h, bits, groups, steps=10)[0],
+    }
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codebook_linear_equals_dense_matmul_with_decoded_weight(bits):
+    w, h, _ = _layer_problem()
+    dense = nn.Linear(64, 96)
+    x = torch.randn(5, 7, 64)
+    for method, coded in _solvers(w, h, bits).items():
+        layer = coded_layer_for(dense, coded, method)
+        assert torch.equal(layer.decoded_rows(), coded.decode()), method
+        assert torch.allclose(layer(x), F.linear(x, coded.decode(), dense.bias), atol=1e-6), method
+        assert int(coded.codes.max()) < 1 << bits
+
+
+def test_codebook_conv2d_equals_conv_with_decoded_kernel():
+    conv = nn.Conv2d(6, 8, 3, stride=2, padding=1, dilation=1, groups=2)
+    w = conv.weight.detach().reshape(8, -1)
+    coded = kmeans_coded(w, None, 3, 2)
+    layer = coded_layer_for(conv, coded, "kmeans")
+    x = torch.randn(2, 6, 9, 11)
+    expected = F.conv2d(x, coded.decode().view_as(conv.weight), conv.bias, 2, 1, 1, 2)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_codebook_embedding_decodes_only_the_rows_it_reads():
+    table = nn.Embedding(50, 12)
+    coded = rtn_coded(table.weight.detach(), 4, 4)
+    layer = coded_layer_for(table, coded, "rtn")
+    ids = torch.tensor([[3, 49, 3], [0, 7, 7]])
+    assert torch.equal(layer(ids), F.embedding(ids, coded.decode()))
+
+
+def test_row_groups_are_stored_once_per_row_and_counted():
+    w, h, _ = _layer_problem(rows=96)
+    coded = kmeans_coded(w, h, 2, 12)
+    layer = coded_layer_for(nn.Linear(64, 96), coded, "kmeans")
+    assert layer.row_group is not None and layer.row_group.numel() == math.ceil(96 * 4 / 8)
+    stored = 96 * 64 * 2 + coded.groups * 4 * 16 + 96 * 4
+    assert layer.weight_bits() == stored
+    assert layer.bits_per_weight() == pytest.approx(stored / (96 * 64))
+
+
+def test_neuron_groups_put_alike_rows_together():
+    g = torch.Generator().manual_seed(0)
+    small = torch.randn(20, 200, generator=g) * 0.01
+    large = torch.randn(20, 200, generator=g) * 1.0
+    order = torch.randperm(40, generator=g)
+    group = neuron_groups(torch.cat([small, large])[order], 2)
+    is_large = order >= 20
+    assert len(set(group[is_large].tolist())) == 1
+    assert len(set(group[~is_large].tolist())) == 1
+    assert group[is_large][0] != group[~is_large][0]
+
+
+# --- solvers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_jlcm_output_error_below_kmeans_and_rtn_on_held_out_inputs(bits):
+    w, h, held_out = _layer_problem(seed=bits)
+    groups = group_count(w.shape[0], 8)
+    errors = {
+        "rtn": output_error(w, rtn_coded(w, bits, 64).decode(), held_out),
+        "kmeans": output_error(w, kmeans_coded(w, h, bits, groups).decode(), held_out),
+    }
+    coded, info = jlcm_coded(w, h, bits, groups, steps=60)
+    jlcm = output_error(w, coded.decode(), held_out)
+    assert info["accepted_steps"] > 0 and info["error"] < info["start_error"]
+    assert jlcm < 0.8 * min(errors.values()), (jlcm, errors)
+
+
+def test_gptq_beats_rtn_on_the_same_grid():
+    w, h, held_out = _layer_problem(seed=5)
+    rtn = output_error(w, rtn_coded(w, 3, 16).decode(), held_out)
+    gptq = output_error(w, gptq_coded(w, h, 3, 16).decode(), held_out)
+    assert gptq < rtn
+
+
+def test_rtn_codes_are_round_to_nearest_on_the_block_grid():
+    w = torch.tensor([[0.0, 0.1, 0.29, 0.31, 0.6, 0.9]])
+    coded = rtn_coded(w, 2, 6)
+    # grid 0, 0.3, 0.6, 0.9
+    assert coded.codes.tolist() == [[0, 0, 1, 1, 2, 3]]
+    assert torch.allclose(coded.decode(), torch.tensor([[0.0, 0.0, 0.3, 0.3, 0.6, 0.9]]), atol=1e-3)
+
+
+# --- whole models ---------------------------------------------------------------------------
+
+
+def _images(n=64, seed=0):
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["jlcm", "gptq", "rtn", "kmeans"])
+def test_quantized_cnn_saves_and_loads_bit_identically(tmp_path, method):
+    model = tiny_cnn()
+    x = _images()
+    config = quantize.QuantizeConfig(method=method, bits=3, block=16, steps=10)
+    quantize.quantize(model, config, [x[:32], x[32:]], progress=False)
+    assert all(not isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
+    metrics = artifact.record_of(model).steps[-1]["metrics"]
+    assert metrics["coded_layers"] == 10
+    kompakt.save(model, tmp_path / "q")
+    loaded = kompakt.load(tmp_path / "q")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_fractional_bits_mix_two_widths_within_the_budget():
+    model = tiny_cnn()
+    quantize.quantize(model, quantize.JLCMConfig(bits=2.5, steps=5), _images(), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, CodedLayer)]
+    widths = {m.layout.bits for m in layers}
+    assert widths == {2, 3}
+    weights = sum(m.layout.rows * m.layout.cols for m in layers)
+    average = sum(m.layout.bits * m.layout.rows * m.layout.cols for m in layers) / weights
+    assert 2.0 < average <= 2.5
+
+
+def test_tied_llama_embedding_shares_lm_head_codes_after_load(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    quantize.jlcm(model, quantize.JLCMConfig(bits=3, steps=5), ids, progress=False)
+    kompakt.save(model, tmp_path / "q")
+    loaded = kompakt.load(tmp_path / "q")
+    assert loaded.model.embed_tokens.codes is loaded.lm_head.codes
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    info = inspect_artifact(tmp_path / "q")
+    assert {r["encoding"] for r in info["rows"] if r["name"] == "lm_head"} == {"jlcm 3-bit"}
+
+
+def test_jlcm_llama_logits_closer_to_fp_than_kmeans():
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_llama()(ids).logits
+
+    def sqnr(method):
+        config = quantize.QuantizeConfig(method=method, bits=4, steps=20)
+        model = quantize.quantize(tiny_llama(), config, ids, progress=False)
+        with torch.no_grad():
+            out = model(ids).logits
+        return float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean()))
+
+    jlcm, kmeans = sqnr("jlcm"), sqnr("kmeans")
+    assert jlcm > 15  # dB
+    assert jlcm > kmeans
+
+
+# --- streaming and resume -------------------------------------------------------------------
+
+
+def test_streaming_checkpoint_equals_in_memory_and_resumes_bit_identically(tmp_path, monkeypatch):
+    ids = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(1))
+    tiny_llama(tie=False).save_pretrained(tmp_path / "ckpt")
+    config = quantize.JLCMConfig(bits=2.5, steps=5)
+
+    whole = quantize.quantize_checkpoint(tmp_path / "ckpt", config, ids, progress=False)
+    kompakt.save(whole, tmp_path / "whole")
+    in_memory = quantize.jlcm(tiny_llama(tie=False), config, ids, progress=False)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, in_memory.state_dict()[name]), name
+
+    loads: list[str] = []
+    real = decoder._materialise
+
+    def interrupted(module, files, prefix):
+        loads.append(prefix)
+        if prefix == "model.layers.1.":
+            raise KeyboardInterrupt
+        real(module, files, prefix)
+
+    monkeypatch.setattr(decoder, "_materialise", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize.quantize_checkpoint(
+            tmp_path / "ckpt", config, ids, work_dir=tmp_path / "work", progress=False
+        )
+    monkeypatch.setattr(decoder, "_materialise", lambda m, f, p: (loads.append(p), real(m, f, p)))
+    loads.clear()
+    resumed = quantize.quantize_checkpoint(
+        tmp_path / "ckpt", config, ids, work_dir=tmp_path / "work", progress=False
+    )
+    assert "model.layers.0." not in loads and "model.layers.1." in loads
+    kompakt.save(resumed, tmp_path / "resumed")
+    a = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "resumed" / "model.safetensors").read_bytes()
+
+    other = quantize.JLCMConfig(bits=3, steps=5)
+    with pytest.raises(KompaktError, match="another config"):
+        quantize.quantize_checkpoint(tmp_path / "ckpt", other, ids, work_dir=tmp_path / "work")
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_configs_and_inputs_are_refused():
+    with pytest.raises(ValueError, match="method"):
+        quantize.QuantizeConfig(method="awq")
+    with pytest.raises(ValueError, match="bits"):
+        quantize.QuantizeConfig(bits=0.5)
+    with pytest.raises(KompaktError, match="method='rtn'"):
+        quantize.jlcm(tiny_cnn(), quantize.QuantizeConfig(method="rtn"), _images())
+    with pytest.raises(KompaktError, match="token ids"):
+        quantize.quantize(tiny_llama(), quantize.JLCMConfig(), torch.randn(2, 8).long().float())
+    with pytest.raises(KompaktError, match="no Linear, Conv2d or Embedding"):
+        quantize.quantize(tiny_cnn(), quantize.JLCMConfig(skip=("*",)), _images())
+    with pytest.raises(KompaktError, match="config.json"):
+        quantize.quantize_checkpoint(
+            "/nonexistent", quantize.JLCMConfig(), torch.zeros(1, 4).long()
+        )
