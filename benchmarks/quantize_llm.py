@@ -64,7 +64,9 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch: int = 2) -> flo
             part = ids[start : start + batch]
             logits = model(part, use_cache=False).logits
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1), reduction="sum"
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                part[:, 1:].reshape(-1),
+                reduction="sum",
             )
             total += float(loss)
             count += part[:, 1:].numel()
@@ -109,8 +111,12 @@ def one_run(work: Path, method: str, bits: float, block: int, steps: int) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=DEFAULT_RUNS, help="method:bits,... (fp:0 is the fp32 model)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", default=DEFAULT_RUNS, help="method:bits,... (fp:0 is the fp32 model)"
+    )
     parser.add_argument("--windows", type=int, default=128, help="test windows for perplexity")
     parser.add_argument("--calib", type=int, default=16, help="valid windows for calibration")
     parser.add_argument("--block", type=int, default=128, help="rtn/gptq columns per scale")
@@ -138,7 +144,14 @@ def main() -> None:
     for run in args.runs.split(","):
         method, bits = run.split(":")
         child = [sys.executable, __file__, "--one", method, bits, "--work", str(args.work)]
-        child += ["--block", str(args.block), "--steps", str(args.steps), "--threads", str(args.threads)]
+        child += [
+            "--block",
+            str(args.block),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+        ]
         done = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
         rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
         if done.returncode or not rows:

@@ -23,6 +23,8 @@ def test_short_pipeline_trains_saves_and_records_accuracy(tmp_path):
             {"train": {"epochs": 1, "limit": 4000, "batch_size": 64, "lr": 0.05}},
             {"evaluate": {}},
             {"save": {"name": "m"}},
+            {"quantize": {"method": "jlcm", "bits": 4, "calibration": 256, "steps": 10}},
+            {"save": {"name": "q"}},
         ],
     }
     run_pipeline(write_recipe(tmp_path, recipe), log=lines.append)
@@ -30,6 +32,12 @@ def test_short_pipeline_trains_saves_and_records_accuracy(tmp_path):
     step = artifact.record_of(loaded).steps[0]
     assert step["method"] == "train" and step["config"]["limit"] == 4000
     assert step["metrics"]["test_accuracy"] > 0.6  # chance is 0.1
+    quantized = artifact.record_of(kompakt.load(tmp_path / "out" / "q")).steps[-1]
+    assert quantized["method"] == "jlcm" and quantized["config"]["calibration"] == 256
+    assert 4 < quantized["metrics"]["bits_per_weight"] < 4.5
+    (line,) = [line for line in lines if line.startswith("[quantize] 10 layers")]
+    before, after = (float(a.rstrip("%")) for a in line.split("test accuracy ")[1].split(" -> "))
+    assert after > before - 3  # points
     assert any(line.startswith("[evaluate] test accuracy") for line in lines)
     assert any("compression: 1.00x vs fp32" in line for line in lines)
 
@@ -44,6 +52,8 @@ def test_builtin_demo_recipe_is_valid():
         "prune",
         "save",
         "boost",
+        "save",
+        "quantize",
         "save",
     ]
 

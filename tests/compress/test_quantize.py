@@ -22,6 +22,7 @@ from kompakt.compress.quantize.packing import pack_codes, packed_row_bytes, unpa
 from kompakt.errors import KompaktError
 from kompakt.summary import inspect_artifact
 from tests.models import tiny_cnn, tiny_llama
+from tests.test_cli import kompakt_cli
 
 
 def _layer_problem(seed: int = 0, rows: int = 96, cols: int = 64):
@@ -286,3 +287,47 @@ def test_bad_configs_and_inputs_are_refused():
         quantize.quantize_checkpoint(
             "/nonexistent", quantize.JLCMConfig(), torch.zeros(1, 4).long()
         )
+
+
+# --- command line and pipeline ------------------------------------------------------------
+
+
+def test_cli_compress_quantize_a_checkpoint_folder_and_an_artifact(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ckpt = tmp_path / "ckpt"
+    tiny_llama().save_pretrained(ckpt)
+    vocab = {f"w{i}": i for i in range(95)} | {"[UNK]": 95}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(ckpt)
+    args = ["--method", "rtn", "--bits", "4", "--block", "16", "--calib", "2"]
+    result = kompakt_cli("compress", "quantize", str(ckpt), "--out", str(tmp_path / "q"), *args)
+    assert result.returncode == 0, result.stderr
+    assert "rtn 15 layers" in result.stdout
+    loaded = kompakt.load(tmp_path / "q")
+    assert isinstance(loaded.lm_head, quantize.CodebookLinear) and loaded.lm_head.layout.bits == 4
+
+    again = kompakt_cli("compress", "quantize", str(ckpt), "--out", str(tmp_path / "q"), *args)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    lm_artifact = kompakt_cli(
+        "compress", "quantize", str(tmp_path / "q"), "--out", str(tmp_path / "r")
+    )
+    assert lm_artifact.returncode == 2 and "--tokenizer" in lm_artifact.stderr
+    assert not (tmp_path / "r").exists()
+
+    cnn = kompakt.save(tiny_cnn(), tmp_path / "cnn")
+    result = kompakt_cli(
+        "compress",
+        "quantize",
+        str(cnn),
+        "--out",
+        str(tmp_path / "c"),
+        "--calib",
+        "64",
+        "--steps",
+        "5",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "jlcm 10 layers" in result.stdout
