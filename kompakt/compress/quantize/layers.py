@@ -333,9 +333,7 @@ class CodebookEmbedding(CodedLayer):
         }
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        unique, inverse = torch.unique(flat, return_inverse=True)
-        rows = self.decoded_rows(unique)[inverse]
+        rows = self.decoded_rows(ids.reshape(-1))
         return rows.view(*ids.shape, self.embedding_dim)
 
 

@@ -69,9 +69,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
             f"packed codes have shape {tuple(packed.shape)} and dtype {packed.dtype}; "
             f"{cols} {bits}-bit codes per row need uint8 [rows, {expected}]"
         )
+    # arithmetic instead of shifts, so the same code exports to ONNX (Mul, ReduceSum, Div, Mod)
     chunks = packed.to(torch.int64).view(rows, -1, chunk_bytes)
-    byte_shifts = torch.arange(chunk_bytes, dtype=torch.int64) * 8
-    words = (chunks << byte_shifts).sum(-1)
-    shifts = torch.arange(per_chunk, dtype=torch.int64) * bits
-    codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    byte_weights = torch.tensor([1 << (8 * i) for i in range(chunk_bytes)], dtype=torch.int64)
+    words = (chunks * byte_weights).sum(-1, keepdim=True)
+    divisors = torch.tensor([1 << (bits * j) for j in range(per_chunk)], dtype=torch.int64)
+    codes = torch.div(words, divisors, rounding_mode="floor") % (1 << bits)
     return codes.reshape(rows, -1)[:, :cols]
