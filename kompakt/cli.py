@@ -139,6 +139,92 @@ def _wikitext_calibration(tokenizer_folder, windows: int):
     return wikitext2_windows(tokenizer, "valid", 512, windows)
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    import kompakt
+    from kompakt import export
+
+    model = kompakt.load(args.artifact)
+    if args.input_shape:
+        shape = [int(d) for d in args.input_shape.split(",")]
+        example = torch.randn(shape)
+    elif hasattr(model, "lm_head"):
+        vocab = model.config.vocab_size
+        example = torch.randint(0, vocab, (2, args.seq), generator=torch.Generator().manual_seed(0))
+    elif kompakt.artifact.record_of(model).source.get("name") == "fmnist_resnet":
+        example = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    else:
+        raise KompaktError(
+            f"{args.artifact}: kompakt does not know this model's input; pass --input-shape, e.g. 2,3,224,224"
+        )
+    report = export.onnx(
+        model,
+        example,
+        args.out,
+        tolerance=args.tolerance,
+        mobile=args.mobile,
+        overwrite=args.overwrite,
+    )
+    sizes = ", ".join(f"{k} {v:,}" for k, v in sorted(report["initializer_bytes"].items()))
+    print(f"export: {report['path']} ({report['file_bytes']:,} bytes; initializers: {sizes})")
+    if report["codebook_layers"]:
+        print(
+            f"export: {report['codebook_layers']} codebook layers kept as packed codes "
+            "(onnxruntime constant folding disabled for this model)"
+        )
+    for case in report["validation"]["cases"]:
+        print(
+            f"export: shapes {case['shapes']}: max abs error {case['max_abs_error']:.3g}, "
+            f"relative {case['max_rel_error']:.3g}"
+        )
+    if args.mobile:
+        print(f"export: {report['ort_path']} and {report['required_operators']}")
+    Path(str(args.out) + ".json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from kompakt import runtime
+
+    session = runtime.load(args.model)
+    inputs = {}
+    for item in args.input:
+        name, _, file = item.partition("=")
+        if not file:
+            raise KompaktError(f"--input {item!r}: write NAME=FILE.npy")
+        try:
+            inputs[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise KompaktError(f"--input {item!r}: cannot read {file} as .npy ({e})") from e
+    outputs = session.run(inputs)
+    for name, value in outputs.items():
+        print(f"{name}: {value.dtype}{list(value.shape)}")
+    if args.out:
+        np.savez(args.out, **outputs)
+        print(f"run: saved {args.out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from kompakt.runtime.bench import bench, format_table
+
+    results = [
+        bench(p, args.batch, args.seq, repeats=args.repeats, threads=args.threads)
+        for p in args.models
+    ]
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kompakt", description="Compress trained PyTorch models and ship them to devices."
@@ -255,6 +341,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", help="language models: keep finished blocks here and resume from them"
     )
     p.set_defaults(func=_compress_quantize)
+
+    p = commands.add_parser("export", parents=[common], help="export a saved model for a runtime")
+    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    p = targets.add_parser(
+        "onnx", parents=[common], help="ONNX for onnxruntime, validated against torch"
+    )
+    p.add_argument("artifact", help="kompakt artifact directory")
+    p.add_argument(
+        "--out", required=True, help="the .onnx file to write (a report goes to OUT.json)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--input-shape", help="example input shape, e.g. 2,1,28,28 (default: known models)"
+    )
+    p.add_argument("--seq", type=int, default=16, help="language models: traced sequence length")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest relative error accepted (default: 1e-4)",
+    )
+    p.add_argument(
+        "--mobile", action="store_true", help="also write .ort and required_operators.config"
+    )
+    p.set_defaults(func=_export_onnx)
+
+    p = commands.add_parser("run", parents=[common], help="run an exported model on .npy inputs")
+    p.add_argument("model", help=".onnx or .ort file")
+    p.add_argument("--input", nargs="+", default=[], metavar="NAME=FILE.npy", help="model inputs")
+    p.add_argument("--out", help="write the outputs to this .npz file")
+    p.set_defaults(func=_run)
+
+    p = commands.add_parser(
+        "bench", parents=[common], help="latency, throughput and peak RSS of exported models"
+    )
+    p.add_argument("models", nargs="+", help=".onnx or .ort files")
+    p.add_argument(
+        "--batch", type=int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)"
+    )
+    p.add_argument("--seq", type=int, default=128, help="sequence length for token inputs")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per batch size")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -20,7 +20,7 @@ def kompakt_cli(*args, cwd=None):
 def test_help_lists_only_commands_that_work():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"inspect", "pipeline", "compress"}
+    assert set(commands) == {"inspect", "pipeline", "compress", "export", "run", "bench"}
     result = kompakt_cli("--help")
     assert result.returncode == 0
     for name in commands:

@@ -1,0 +1,166 @@
+"""``kompakt bench``: latency, throughput and peak memory of an exported model.
+
+Each model is measured in a fresh Python process (so its peak RSS is its own): the session is
+created, then for every batch size the model runs ``warmup`` times and ``repeats`` timed
+times on random inputs built from its input specs (dynamic axes: the first is the batch, the
+others take ``seq``). Reported: latency p50 / p90 / p99 (ms), throughput (examples per
+second at the median), peak RSS of the process, and the model's bytes on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kompakt.errors import KompaktError
+
+
+def example_inputs(session, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching ``session.inputs``; token ids are drawn from 0..99."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in session.inputs:
+        dims, dynamic_seen = [], 0
+        for d in spec.shape:
+            if isinstance(d, int):
+                dims.append(d)
+            else:
+                dims.append(batch if dynamic_seen == 0 else seq)
+                dynamic_seen += 1
+        if np.issubdtype(spec.dtype, np.floating):
+            feed[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
+        else:
+            feed[spec.name] = rng.integers(0, 100, dims).astype(spec.dtype)
+    return feed
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def measure(
+    path: str, batches: list[int], seq: int, warmup: int, repeats: int, threads: int | None
+) -> dict:
+    """Run in the current process (the child): latencies per batch and this process's peak RSS."""
+    from kompakt.runtime import load
+
+    start = time.perf_counter()
+    session = load(path, threads)
+    load_seconds = time.perf_counter() - start
+    rows = []
+    for batch in batches:
+        feed = example_inputs(session, batch, seq)
+        for _ in range(warmup):
+            session.run(feed)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            session.run(feed)
+            times.append((time.perf_counter() - t0) * 1000)
+        median = statistics.median(times)
+        rows.append(
+            {
+                "batch": batch,
+                "p50_ms": median,
+                "p90_ms": _percentile(times, 90),
+                "p99_ms": _percentile(times, 99),
+                "throughput_per_s": batch / (median / 1000),
+            }
+        )
+    return {
+        "model": str(path),
+        "model_bytes": model_bytes(Path(path)),
+        "load_seconds": load_seconds,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seq": seq,
+        "latency": rows,
+    }
+
+
+def model_bytes(path: Path) -> int:
+    """The model file plus any external-data files beside it that it names."""
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+def bench(
+    path: str | os.PathLike[str],
+    batches: list[int] = (1, 64),
+    seq: int = 128,
+    warmup: int = 3,
+    repeats: int = 30,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Measure ``path`` in a fresh process; returns the measurement as a dict."""
+    if not Path(path).is_file():
+        raise KompaktError(f"{path}: no such model file")
+    args = [
+        sys.executable,
+        "-m",
+        "kompakt.runtime.bench",
+        str(path),
+        "--batches",
+        *map(str, batches),
+    ]
+    args += ["--seq", str(seq), "--warmup", str(warmup), "--repeats", str(repeats)]
+    if threads:
+        args += ["--threads", str(threads)]
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise KompaktError(f"{path}: benchmark failed ({lines[-1] if lines else done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """One row per model and batch size."""
+    header = ("model", "batch", "p50 ms", "p90 ms", "p99 ms", "per s", "peak RSS MB", "model MB")
+    body = []
+    for r in results:
+        for row in r["latency"]:
+            body.append(
+                (
+                    Path(r["model"]).name,
+                    str(row["batch"]),
+                    f"{row['p50_ms']:.3f}",
+                    f"{row['p90_ms']:.3f}",
+                    f"{row['p99_ms']:.3f}",
+                    f"{row['throughput_per_s']:.0f}",
+                    f"{r['peak_rss_bytes'] / 1e6:.1f}",
+                    f"{r['model_bytes'] / 1e6:.3f}",
+                )
+            )
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def _child() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("path")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int)
+    a = parser.parse_args()
+    print(json.dumps(measure(a.path, a.batches, a.seq, a.warmup, a.repeats, a.threads)))
+
+
+if __name__ == "__main__":
+    _child()

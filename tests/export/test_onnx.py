@@ -1,0 +1,142 @@
+"""ONNX export: parity with torch through onnxruntime, compression kept, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from kompakt import export, runtime
+from kompakt.compress import boost, prune, quantize
+from kompakt.errors import KompaktError
+from kompakt.export.onnx import _check_codes_survived
+from tests.models import tiny_cnn, tiny_llama
+
+
+def _images(n, seed=0):
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def _pruned_cnn():
+    model = tiny_cnn()
+    oto = prune.OTO(model, (_images(2),))
+    oto.zero_groups(0.5, seed=1)
+    return oto.construct_subnet()
+
+
+def _boosted_cnn():
+    model = tiny_cnn()
+    features = boost.head_features(model, "fc", _images(200), progress=False)
+    labels = torch.arange(200) % 10
+    gbnn = boost.GBNN(units_per_step=2, steps=3, max_iter=20).fit(features, labels, progress=False)
+    boost.replace_head(model, "fc", gbnn.to_module())
+    return model
+
+
+def _coded_cnn(bits):
+    return quantize.jlcm(
+        tiny_cnn(), quantize.JLCMConfig(bits=bits, steps=5), _images(64), progress=False
+    )
+
+
+def _parity(model, example, other, path):
+    """Export, then run an input of another shape in a fresh runtime session against torch."""
+    report = export.onnx(model, example, path)
+    assert report["validation"]["valid"] and len(report["validation"]["cases"]) == 3
+    session = runtime.load(path)
+    (name,) = [s.name for s in session.inputs]
+    got = session.run({name: other.numpy()})
+    with torch.no_grad():
+        out = model(other)
+    ref = getattr(out, "logits", out)
+    (value,) = got.values()
+    assert value.shape == tuple(ref.shape)
+    assert np.abs(value - ref.numpy()).max() <= 1e-4 * max(1.0, float(ref.abs().max()))
+    return report
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_cnn, _pruned_cnn, _boosted_cnn], ids=["dense", "pruned", "gbnn-head"]
+)
+def test_cnn_parity_on_two_batch_sizes(tmp_path, make):
+    model = make()
+    report = _parity(model, _images(4), _images(7, seed=1), tmp_path / "m.onnx")
+    stored = sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
+    # all float state (weights, BN statistics) is in the file, and nothing more
+    assert report["initializer_bytes"]["float"] <= 4 * stored + 64
+
+
+def test_pruned_model_exports_at_its_reduced_size(tmp_path):
+    dense = export.onnx(tiny_cnn(), _images(2), tmp_path / "d.onnx")
+    pruned = export.onnx(_pruned_cnn(), _images(2), tmp_path / "p.onnx")
+    assert pruned["initializer_bytes"]["float"] < 0.7 * dense["initializer_bytes"]["float"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codebook_layers_export_as_packed_codes(tmp_path, bits):
+    model = _coded_cnn(bits)
+    report = _parity(model, _images(4), _images(5, seed=2), tmp_path / "q.onnx")
+    assert report["codebook_layers"] == 10 and report["constant_folding_disabled"]
+    codes = sum(m.codes.numel() for m in model.modules() if isinstance(m, quantize.CodedLayer))
+    assert report["initializer_bytes"]["uint8"] >= codes
+    weights = sum(
+        m.layout.rows * m.layout.cols for m in model.modules() if isinstance(m, quantize.CodedLayer)
+    )
+    # no dense copy of the coded weights: float initializers are BN and biases only
+    assert report["initializer_bytes"]["float"] < 4 * weights / 4
+
+
+def test_onnxruntime_constant_folding_would_densify_and_is_caught(tmp_path):
+    model = _coded_cnn(3)
+    export.onnx(model, _images(2), tmp_path / "q.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    folded = onnx.load(str(tmp_path / "folded.onnx"))
+    with pytest.raises(KompaktError, match="dense float initializer"):
+        _check_codes_survived(folded, model)
+    # the kompakt runtime keeps the codes: it reads the model's metadata
+    assert runtime.load(tmp_path / "q.onnx").no_folding
+
+
+@pytest.mark.parametrize("bits", [None, 3], ids=["fp32", "jlcm-3bit"])
+def test_tiny_llama_logits_parity_on_two_shapes(tmp_path, bits):
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama()
+    if bits:
+        model = quantize.jlcm(model, quantize.JLCMConfig(bits=bits, steps=5), ids, progress=False)
+    other = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(1))
+    report = _parity(model, ids, other, tmp_path / "lm.onnx")
+    assert [c["shapes"] for c in report["validation"]["cases"]][0] == [[2, 12]]
+
+
+def test_batch_one_example_is_traced_with_two_and_stays_dynamic(tmp_path):
+    report = export.onnx(tiny_cnn(), _images(1), tmp_path / "m.onnx")
+    assert report["inputs"][0]["traced_shape"] == [2, 1, 28, 28]
+    session = runtime.load(tmp_path / "m.onnx")
+    assert session.run([_images(1).numpy()])["output"].shape == (1, 10)
+
+
+def test_export_refuses_above_tolerance_and_writes_nothing(tmp_path):
+    with pytest.raises(KompaktError, match="above the tolerance"):
+        export.onnx(tiny_cnn(), _images(2), tmp_path / "m.onnx", tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mobile_writes_ort_and_the_operator_config(tmp_path):
+    model = _coded_cnn(2)
+    report = export.onnx(model, _images(2), tmp_path / "q.onnx", mobile=True)
+    config = (tmp_path / "required_operators.config").read_text()
+    assert "Conv" in config and "Mod" in config
+    session = runtime.load(report["ort_path"])
+    out = session.run({"input": _images(3).numpy()})["output"]
+    with torch.no_grad():
+        assert np.abs(out - model(_images(3)).numpy()).max() < 1e-4
+    # the ORT-format file still holds packed codes, not decoded float weights
+    weights = sum(
+        m.layout.rows * m.layout.cols for m in model.modules() if isinstance(m, quantize.CodedLayer)
+    )
+    assert (tmp_path / "q.ort").stat().st_size < (tmp_path / "q.onnx").stat().st_size + weights
