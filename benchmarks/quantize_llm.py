@@ -23,13 +23,14 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from kompakt.runtime.bench import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "quantize_llm.jsonl"
@@ -78,7 +79,7 @@ def one_run(work: Path, method: str, bits: float, block: int, steps: int) -> dic
     from transformers import AutoModelForCausalLM
 
     import kompakt
-    from kompakt.compress.quantize import QuantizeConfig, quantize_checkpoint
+    from kompakt.compress.quantize import QuantizeConfig, decoded_weights, quantize_checkpoint
 
     windows = load_file(str(work / "windows.safetensors"))
     ckpt = work / "checkpoint"
@@ -95,8 +96,9 @@ def one_run(work: Path, method: str, bits: float, block: int, steps: int) -> dic
         kompakt.save(model, out, overwrite=True)
         size = (out / "model.safetensors").stat().st_size
     seconds = time.perf_counter() - t0
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    ppl = perplexity(model, windows["test"])
+    peak_rss = peak_rss_bytes()
+    with decoded_weights(model):  # decode once for the evaluation, not on every call
+        ppl = perplexity(model, windows["test"])
     return {
         "method": method,
         "bits": bits,

@@ -179,6 +179,46 @@ def _quantize(state: PipelineState, config: QuantizeStageConfig) -> None:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportOnnxConfig:
+    """Export the current model to ``<out>/<name>.onnx``, run it in onnxruntime and print the
+    ``kompakt bench`` table beside that of the artifact saved as ``<out>/<baseline>``."""
+
+    name: str = "model"
+    baseline: str | None = None
+    batches: tuple[int, ...] = (1, 64)
+    repeats: int = 20
+
+    def __post_init__(self) -> None:
+        check(
+            bool(self.name) and "/" not in self.name,
+            f"name must be a plain file name, got {self.name!r}",
+        )
+        check(self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}")
+        object.__setattr__(self, "batches", tuple(self.batches))
+
+
+@stage("export_onnx", ExportOnnxConfig)
+def _export_onnx(state: PipelineState, config: ExportOnnxConfig) -> None:
+    from kompakt import export
+    from kompakt.runtime.bench import bench, format_table
+
+    example = state.data("test")[0][:2]
+    models = [(config.name, state.model)]
+    if config.baseline:
+        models.insert(0, (config.baseline, artifact.load(state.out / config.baseline)))
+    results = []
+    for name, model in models:
+        report = export.onnx(model, example, state.out / f"{name}.onnx", overwrite=True)
+        sizes = ", ".join(f"{k} {v:,}" for k, v in sorted(report["initializer_bytes"].items()))
+        state.log(
+            f"[export_onnx] {report['path']}: {report['file_bytes']:,} bytes (initializers: {sizes}); "
+            f"onnxruntime vs torch max relative error {report['validation']['max_rel_error']:.2g}"
+        )
+        results.append(bench(report["path"], list(config.batches), repeats=config.repeats))
+    state.log(format_table(results))
+
+
 def load_recipe(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
     """``(where, recipe mapping)`` from a YAML file, or the built-in demo recipe."""
     if path is None:

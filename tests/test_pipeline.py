@@ -25,6 +25,7 @@ def test_short_pipeline_trains_saves_and_records_accuracy(tmp_path):
             {"save": {"name": "m"}},
             {"quantize": {"method": "jlcm", "bits": 4, "calibration": 256, "steps": 10}},
             {"save": {"name": "q"}},
+            {"export_onnx": {"name": "q", "baseline": "m", "batches": [1, 4], "repeats": 3}},
         ],
     }
     run_pipeline(write_recipe(tmp_path, recipe), log=lines.append)
@@ -38,6 +39,9 @@ def test_short_pipeline_trains_saves_and_records_accuracy(tmp_path):
     (line,) = [line for line in lines if line.startswith("[quantize] 10 layers")]
     before, after = (float(a.rstrip("%")) for a in line.split("test accuracy ")[1].split(" -> "))
     assert after > before - 3  # points
+    assert (tmp_path / "out" / "q.onnx").exists() and (tmp_path / "out" / "m.onnx").exists()
+    table = lines[-1].splitlines()
+    assert table[0].split()[:3] == ["model", "batch", "p50"] and len(table) == 5
     assert any(line.startswith("[evaluate] test accuracy") for line in lines)
     assert any("compression: 1.00x vs fp32" in line for line in lines)
 
@@ -55,6 +59,7 @@ def test_builtin_demo_recipe_is_valid():
         "save",
         "quantize",
         "save",
+        "export_onnx",
     ]
 
 

@@ -270,6 +270,11 @@ def export_onnx(
                 f"{worst['max_rel_error']:.3g} (relative) on shapes {worst['shapes']}, above the "
                 f"tolerance {tolerance:g}; nothing written"
             )
+        for (
+            node
+        ) in proto.graph.node:  # the exporter's per-node stack traces: often most of the file
+            del node.metadata_props[:]
+            node.doc_string = ""
         meta = {
             NO_FOLDING_KEY: "1" if coded else "0",
             "kompakt.version": kompakt.__version__,

@@ -82,10 +82,22 @@ def measure(
         "model": str(path),
         "model_bytes": model_bytes(Path(path)),
         "load_seconds": load_seconds,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "seq": seq,
         "latency": rows,
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. On Linux ``VmHWM``, which starts afresh at exec
+    (``ru_maxrss`` keeps the parent's peak across fork and exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def model_bytes(path: Path) -> int:

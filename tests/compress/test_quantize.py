@@ -331,3 +331,14 @@ def test_cli_compress_quantize_a_checkpoint_folder_and_an_artifact(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "jlcm 10 layers" in result.stdout
+
+
+def test_decoded_weights_cache_gives_the_same_outputs_and_is_dropped_after():
+    model = quantize.jlcm(tiny_cnn(), quantize.JLCMConfig(bits=3, steps=5), _images(), progress=False)
+    x = _images(8, seed=3)
+    expected = model(x)
+    with quantize.decoded_weights(model):
+        assert torch.equal(model(x), expected)
+        assert all("_dense" in m.__dict__ for m in model.modules() if isinstance(m, CodedLayer))
+    assert not any("_dense" in m.__dict__ for m in model.modules())
+    assert all(not k.endswith("_dense") for k in model.state_dict())

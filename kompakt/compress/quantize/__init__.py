@@ -24,6 +24,7 @@ from kompakt.compress.quantize.layers import (
     CodebookEmbedding,
     CodebookLinear,
     CodedLayer,
+    decoded_weights,
     summarize,
 )
 from kompakt.compress.quantize.sequential import Batch, as_batches, quantize_layers
@@ -93,6 +94,7 @@ __all__ = [
     "CodedLayer",
     "JLCMConfig",
     "QuantizeConfig",
+    "decoded_weights",
     "jlcm",
     "is_decoder_lm",
     "quantize",

@@ -19,8 +19,10 @@ Every stored byte counts in :meth:`CodedLayer.bits_per_weight`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -190,6 +192,9 @@ class CodedLayer(nn.Module):
 
     def decoded_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """The decoded float32 weight ``[rows, cols]``, or only the rows in ``index``."""
+        cache = self.__dict__.get("_dense")
+        if cache is not None:
+            return cache if index is None else cache[index]
         lay = self.layout
         codes, group = self.codes, self.group_of_rows()
         if index is not None:
@@ -235,6 +240,20 @@ class CodedLayer(nn.Module):
 
     def layer_args(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def decoded_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, Codebook layers keep their decoded weights instead of decoding on
+    every call: as fast as the dense model, and as large. For evaluation loops."""
+    layers = [m for m in model.modules() if isinstance(m, CodedLayer)]
+    try:
+        for layer in layers:
+            layer.__dict__["_dense"] = layer.decoded_rows()
+        yield model
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_dense", None)
 
 
 class CodebookLinear(CodedLayer):
