@@ -11,6 +11,8 @@ per-row, per-block fp16 scale and offset (``w = code * scale + offset``, asymmet
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kompakt.compress.quantize.layers import CodedWeight
@@ -60,12 +62,17 @@ def rtn_coded(w: torch.Tensor, bits: int, block: int) -> CodedWeight:
     return _coded(codes, torch.stack(scales, 1), torch.stack(offsets, 1), bits, block)
 
 
-def gptq_coded(
-    w: torch.Tensor, h: torch.Tensor, bits: int, block: int, damp: float = 0.01
-) -> CodedWeight:
-    """GPTQ with lazy batch updates; grids per ``block`` columns as in RTN."""
+def error_feedback(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    damp: float,
+    quantize_column: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """GPTQ's column loop: codes ``[rows, cols]`` for ``w``, each column's rounding error spread
+    over the later columns. ``quantize_column(col, values, upcoming)`` returns the codes and
+    dequantized values of column ``col``; ``upcoming`` holds the columns from ``col`` on, as
+    updated so far."""
     rows, cols = w.shape
-    block = min(block, cols)
     w = w.clone()
     h = h.clone().double()
     dead = torch.diagonal(h) == 0
@@ -76,7 +83,6 @@ def gptq_coded(
         torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True
     ).float()
     codes = torch.empty(rows, cols, dtype=torch.int64)
-    scales, offsets = [], []
     batch = 128
     for b0 in range(0, cols, batch):
         b1 = min(b0 + batch, cols)
@@ -84,18 +90,31 @@ def gptq_coded(
         errors = torch.zeros_like(wb)
         hb = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % block == 0:
-                # the block's columns as updated so far (this batch's, then later ones)
-                current = torch.cat([wb[:, i:], w[:, b1:]], 1)[:, :block]
-                scale, offset = _grid(current, bits)
-                scales.append(scale)
-                offsets.append(offset)
-            q = _round(wb[:, i : i + 1], scale, offset, bits)[:, 0]
-            codes[:, col] = q
-            deq = q.float() * scale + offset
+            upcoming = torch.cat([wb[:, i:], w[:, b1:]], 1)
+            q, deq = quantize_column(b0 + i, wb[:, i], upcoming)
+            codes[:, b0 + i] = q
             err = (wb[:, i] - deq) / hb[i, i]
             wb[:, i:] -= err.unsqueeze(1) * hb[i, i:].unsqueeze(0)
             errors[:, i] = err
         w[:, b1:] -= errors @ hinv[b0:b1, b1:]
+    return codes
+
+
+def gptq_coded(
+    w: torch.Tensor, h: torch.Tensor, bits: int, block: int, damp: float = 0.01
+) -> CodedWeight:
+    """GPTQ with lazy batch updates; grids per ``block`` columns as in RTN, each fixed from the
+    block's weights as updated when its first column is reached."""
+    block = min(block, w.shape[1])
+    scales, offsets = [], []
+
+    def quantize_column(col, values, upcoming):
+        if col % block == 0:
+            scale, offset = _grid(upcoming[:, :block], bits)
+            scales.append(scale)
+            offsets.append(offset)
+        q = _round(values[:, None], scales[-1], offsets[-1], bits)[:, 0]
+        return q, q.float() * scales[-1] + offsets[-1]
+
+    codes = error_feedback(w, h, damp, quantize_column)
     return _coded(codes, torch.stack(scales, 1), torch.stack(offsets, 1), bits, block)

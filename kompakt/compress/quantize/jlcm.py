@@ -8,7 +8,10 @@ For one layer with weight ``W [rows, cols]`` and calibration input moments ``H =
 jointly over the codebooks ``C`` (one per group of similarly distributed neurons, see
 :func:`.codebooks.neuron_groups`) and the mapping ``I`` of every weight to a codeword.
 
-1. **Start**: neuron groups, then per-group k-means weighted by input importance ``H[c, c]``.
+1. **Start**: neuron groups, then per-group k-means codebooks weighted by input importance
+   ``H[c, c]``. The mapping starts from the nearest codewords, or, when it has a lower ``L``,
+   from an error-compensated assignment to the same codebooks (GPTQ's column order: each
+   column's rounding error is spread over the later columns through ``H^-1``).
 2. **Straight-through gradient**: ``G = dL/dWq = 2 (Wq - W) H`` is computed once per step on
    the decoded weight and passed straight through to both the codebook and the mapping.
 3. **Codebook step**: each codeword moves by its summed gradient over the summed diagonal
@@ -35,6 +38,7 @@ from typing import Any
 
 import torch
 
+from kompakt.compress.quantize.affine import error_feedback
 from kompakt.compress.quantize.codebooks import codeword_sums, kmeans_coded, nearest_codes
 from kompakt.compress.quantize.layers import CodedWeight
 
@@ -47,6 +51,7 @@ def jlcm_coded(
     steps: int,
     kmeans_iters: int = 25,
     damp: float = 0.01,
+    feedback_start: bool = True,
 ) -> tuple[CodedWeight, dict[str, Any]]:
     """Quantize ``w`` by JLCM; returns the coded weight and the error before and after learning."""
     coded = kmeans_coded(w, h, bits, groups, kmeans_iters)
@@ -69,6 +74,12 @@ def jlcm_coded(
 
     codebook, codes = coded.codebook.clone(), coded.codes
     start, wq, eh = error(codebook, codes)
+    if feedback_start:
+        rows_codebook = codebook[group]
+        feedback = error_feedback(w, h, 0.0, lambda _c, values, _u: _nearest(values, rows_codebook))
+        candidate = error(codebook, feedback)
+        if candidate[0] < start:
+            codes, (start, wq, eh) = feedback, candidate
     best = start
     rho, accepted = 1.0, 0
     for _ in range(steps):
@@ -89,3 +100,11 @@ def jlcm_coded(
                 break
     coded.codebook, coded.codes = codebook, codes
     return coded, {"start_error": start, "error": best, "accepted_steps": accepted}
+
+
+def _nearest(
+    values: torch.Tensor, rows_codebook: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and values of the codeword nearest each ``values[r]`` in ``rows_codebook[r]``."""
+    codes = nearest_codes(values[:, None], rows_codebook)[:, 0]
+    return codes, rows_codebook.gather(1, codes[:, None])[:, 0]
