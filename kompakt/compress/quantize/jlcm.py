@@ -42,6 +42,11 @@ from kompakt.compress.quantize.affine import error_feedback
 from kompakt.compress.quantize.codebooks import codeword_sums, kmeans_coded, nearest_codes
 from kompakt.compress.quantize.layers import CodedWeight
 
+CHUNK_ROWS = 8192
+"""Rows learned at once: a large table (an LM head) is learned in chunks of whole groups, each
+with its own trust region. The objective is a sum over rows and codebooks belong to groups,
+so a chunk is an independent problem; chunking bounds the peak memory."""
+
 
 def jlcm_coded(
     w: torch.Tensor,
@@ -56,23 +61,49 @@ def jlcm_coded(
     """Quantize ``w`` by JLCM; returns the coded weight and the error before and after learning."""
     coded = kmeans_coded(w, h, bits, groups, kmeans_iters)
     group = coded.group_of_rows()
-    k = 1 << bits
     h = torch.eye(w.shape[1]) if h is None else h
     # damping keeps directions the calibration barely excites from absorbing large errors
     h = h + damp * torch.diagonal(h).mean() * torch.eye(w.shape[1])
-    curvature = torch.diagonal(h).clamp_min(1e-12 * float(torch.diagonal(h).max().clamp_min(1e-30)))
     norm = float(((w @ h) * w).sum().clamp_min(1e-30))
+    sizes = torch.bincount(group, minlength=coded.groups).tolist()
+    start = best = 0.0
+    accepted = []
+    first = 0
+    while first < coded.groups:
+        last, rows = first, 0
+        while last < coded.groups and (last == first or rows + sizes[last] <= CHUNK_ROWS):
+            rows += sizes[last]
+            last += 1
+        index = torch.nonzero((group >= first) & (group < last))[:, 0]
+        part = _learn(
+            w[index],
+            h,
+            coded.codebook[first:last].clone(),
+            group[index] - first,
+            coded.codes[index],
+            steps,
+            feedback_start,
+        )
+        coded.codebook[first:last], coded.codes[index] = part["codebook"], part["codes"]
+        start, best = start + part["start"], best + part["best"]
+        accepted.append(part["accepted"])
+        first = last
+    info = {"start_error": start / norm, "error": best / norm, "accepted_steps": min(accepted)}
+    return coded, info
+
+
+def _learn(w, h, codebook, group, codes, steps, feedback_start) -> dict[str, Any]:
+    """Joint learning on rows ``w`` whose groups ``group`` index ``codebook``; errors unscaled."""
+    k = codebook.shape[1]
+    curvature = torch.diagonal(h).clamp_min(1e-12 * float(torch.diagonal(h).max().clamp_min(1e-30)))
     two_curvature = (2 * curvature).expand_as(w)
 
-    def error(
-        codebook: torch.Tensor, codes: torch.Tensor
-    ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def error(codebook, codes) -> tuple[float, torch.Tensor, torch.Tensor]:
         wq = torch.gather(codebook[group], 1, codes)
         e = wq - w
         eh = e @ h
-        return float((eh * e).sum()) / norm, wq, eh
+        return float((eh * e).sum()), wq, eh
 
-    codebook, codes = coded.codebook.clone(), coded.codes
     start, wq, eh = error(codebook, codes)
     if feedback_start:
         rows_codebook = codebook[group]
@@ -84,8 +115,8 @@ def jlcm_coded(
     rho, accepted = 1.0, 0
     for _ in range(steps):
         grad = 2 * eh
-        g_sum = codeword_sums(codes, grad, group, coded.groups, k)
-        c_sum = codeword_sums(codes, two_curvature, group, coded.groups, k)
+        g_sum = codeword_sums(codes, grad, group, codebook.shape[0], k)
+        c_sum = codeword_sums(codes, two_curvature, group, codebook.shape[0], k)
         step = torch.where(c_sum > 0, g_sum / (rho * c_sum.clamp_min(1e-30)), torch.zeros(()))
         new_codebook = (codebook - step).to(torch.float16).float()
         target = wq - grad / (2 * rho * curvature)
@@ -98,8 +129,13 @@ def jlcm_coded(
             rho *= 2.0
             if rho > 1e6:
                 break
-    coded.codebook, coded.codes = codebook, codes
-    return coded, {"start_error": start, "error": best, "accepted_steps": accepted}
+    return {
+        "codebook": codebook,
+        "codes": codes,
+        "start": start,
+        "best": best,
+        "accepted": accepted,
+    }
 
 
 def _nearest(
