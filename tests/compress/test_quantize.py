@@ -334,7 +334,9 @@ def test_cli_compress_quantize_a_checkpoint_folder_and_an_artifact(tmp_path):
 
 
 def test_decoded_weights_cache_gives_the_same_outputs_and_is_dropped_after():
-    model = quantize.jlcm(tiny_cnn(), quantize.JLCMConfig(bits=3, steps=5), _images(), progress=False)
+    model = quantize.jlcm(
+        tiny_cnn(), quantize.JLCMConfig(bits=3, steps=5), _images(), progress=False
+    )
     x = _images(8, seed=3)
     expected = model(x)
     with quantize.decoded_weights(model):
