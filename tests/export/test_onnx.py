@@ -145,3 +145,20 @@ def test_mobile_writes_ort_and_the_operator_config(tmp_path):
     _ort_session(tmp_path / "q.onnx", no_folding=False, optimized=tmp_path / "folded.ort")
     folded = (tmp_path / "folded.ort").stat().st_size
     assert (tmp_path / "q.ort").stat().st_size < folded - 3 * weights  # fp32: 4 bytes a weight
+
+
+@pytest.mark.parametrize("bits", [5, 7])
+def test_odd_code_widths_and_row_groups_decode_exactly_in_onnx(tmp_path, bits):
+    # 24 row groups (5-bit ids) and 5/7-bit codes span byte boundaries; onnxruntime's integer
+    # division goes through float32, so the decode must keep its values small to stay exact
+    from torch import nn
+
+    from kompakt.compress.quantize.codebooks import kmeans_coded
+    from kompakt.compress.quantize.layers import coded_layer_for
+
+    dense = nn.Linear(64, 192)
+    coded = kmeans_coded(dense.weight.detach(), None, bits, 24)
+    layer = coded_layer_for(dense, coded, "kmeans").eval()
+    assert layer.row_group is not None
+    report = export.onnx(layer, torch.randn(3, 64), tmp_path / "l.onnx")
+    assert report["validation"]["max_rel_error"] < 1e-6

@@ -70,7 +70,7 @@ def _fp16(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _group_of_rows(rows: int, groups: int, row_group: torch.Tensor | None) -> torch.Tensor:
     if row_group is not None:
-        return row_group
+        return row_group.long()
     if groups == rows:
         return torch.arange(rows)
     return torch.zeros(rows, dtype=torch.int64)
@@ -79,7 +79,7 @@ def _group_of_rows(rows: int, groups: int, row_group: torch.Tensor | None) -> to
 def _decode(codes, group, codebook, scales, offsets, block) -> torch.Tensor:
     """Shared decode: ``codes [n, cols]`` of rows whose groups are ``group [n]``."""
     table = codebook[group] if codebook.shape[0] > 1 else codebook.expand(len(group), -1)
-    w = torch.gather(table, 1, codes)
+    w = torch.gather(table, 1, codes.long())
     if scales is not None:
         cols = codes.shape[1]
         w = w * scales[group].repeat_interleave(block, dim=1)[:, :cols]

@@ -60,7 +60,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """The inverse of :func:`pack_codes`: int64 codes ``[rows, cols]``."""
+    """The inverse of :func:`pack_codes`: int32 codes ``[rows, cols]``."""
     per_chunk, chunk_bytes = chunk_layout(bits)
     rows = packed.shape[0]
     expected = packed_row_bytes(cols, bits)
@@ -69,10 +69,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
             f"packed codes have shape {tuple(packed.shape)} and dtype {packed.dtype}; "
             f"{cols} {bits}-bit codes per row need uint8 [rows, {expected}]"
         )
-    # arithmetic instead of shifts, so the same code exports to ONNX (Mul, ReduceSum, Div, Mod)
-    chunks = packed.to(torch.int64).view(rows, -1, chunk_bytes)
-    byte_weights = torch.tensor([1 << (8 * i) for i in range(chunk_bytes)], dtype=torch.int64)
-    words = (chunks * byte_weights).sum(-1, keepdim=True)
-    divisors = torch.tensor([1 << (bits * j) for j in range(per_chunk)], dtype=torch.int64)
-    codes = torch.div(words, divisors, rounding_mode="floor") % (1 << bits)
+    # Arithmetic instead of shifts, so that the same code exports to ONNX, where integer
+    # division goes through float32: each code is read from the 16-bit window of the two bytes
+    # it starts in (a code of b <= 8 bits at bit offset < 8 ends within them), so every value
+    # stays below 2**16 and is exact.
+    chunks = torch.nn.functional.pad(packed.to(torch.int32).view(rows, -1, chunk_bytes), (0, 1))
+    first = [bits * j // 8 for j in range(per_chunk)]
+    windows = chunks[..., first] + 256 * chunks[..., [b + 1 for b in first]]
+    divisors = torch.tensor([1 << (bits * j % 8) for j in range(per_chunk)], dtype=torch.int32)
+    codes = torch.div(windows, divisors, rounding_mode="trunc") % (1 << bits)
     return codes.reshape(rows, -1)[:, :cols]
