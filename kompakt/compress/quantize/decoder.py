@@ -34,10 +34,10 @@ from kompakt import artifact
 from kompakt.compress.quantize.calibration import InputMoments, record_inputs
 from kompakt.compress.quantize.config import BitBudget, QuantizeConfig, quantizable, quantize_weight
 from kompakt.compress.quantize.layers import (
-    PLAN_KIND,
     CodebookEmbedding,
     CodedLayer,
     coded_layer_for,
+    replay,
     summarize,
     weight_matrix,
 )
@@ -124,12 +124,6 @@ class _Progress:
         return load_file(str(self.dir / f"hidden_{block:04d}.safetensors"))["hidden"]
 
 
-def _replay_entries(model: nn.Module, entries: list[dict[str, Any]]) -> None:
-    handler = artifact._PLAN_HANDLERS[PLAN_KIND]
-    for entry in entries:
-        handler(model, entry)
-
-
 def quantize_decoder(
     model: nn.Module,
     config: QuantizeConfig,
@@ -182,7 +176,8 @@ def quantize_decoder(
     if state:
         start, budget.carry = state["blocks_done"], state["carry"]
         reports, done = state["reports"], state["plan"]
-        _replay_entries(model, done)
+        for entry in done:
+            replay(model, entry)
         for i in range(start):
             saved.restore_block(i, base.layers[i])
         record.plan.extend(done)

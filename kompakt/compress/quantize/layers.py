@@ -405,7 +405,7 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 @artifact.plan_step(PLAN_KIND)
-def _replay(model: nn.Module, entry: dict[str, Any]) -> None:
+def replay(model: nn.Module, entry: dict[str, Any]) -> None:
     """Replace ``entry['module']`` by an empty Codebook layer of the recorded layout."""
     missing = [f for f in ("module", "layer", "args", "layout") if f not in entry]
     if missing:
