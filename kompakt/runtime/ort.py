@@ -77,6 +77,11 @@ class OrtSession:
             options.intra_op_num_threads = threads
         self.no_folding = _needs_no_folding(self.path)
         disabled = ["ConstantFolding"] if self.no_folding else []
+        if self.no_folding:
+            # decoded weights are temporaries: return them to the system at once instead of
+            # keeping them in the arena (measured on SmolLM2 JLCM: peak RSS 1226 -> 698 MB)
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
         try:
             self._session = ort.InferenceSession(
                 str(self.path),

@@ -344,3 +344,13 @@ def test_decoded_weights_cache_gives_the_same_outputs_and_is_dropped_after():
         assert all("_dense" in m.__dict__ for m in model.modules() if isinstance(m, CodedLayer))
     assert not any("_dense" in m.__dict__ for m in model.modules())
     assert all(not k.endswith("_dense") for k in model.state_dict())
+
+
+def test_large_codebook_linear_computes_in_row_blocks_with_the_same_result():
+    from kompakt.compress.quantize.layers import DECODE_ROWS
+
+    dense = nn.Linear(16, DECODE_ROWS * 2 + 5)
+    coded = kmeans_coded(dense.weight.detach(), None, 3, 64)
+    layer = coded_layer_for(dense, coded, "kmeans")
+    x = torch.randn(2, 3, 16)
+    assert torch.equal(layer(x), F.linear(x, coded.decode(), dense.bias))

@@ -34,6 +34,8 @@ from kompakt.compress.quantize.packing import pack_codes, packed_row_bytes, unpa
 from kompakt.errors import KompaktError
 
 PLAN_KIND = "quantize"
+DECODE_ROWS = 4096
+"""Rows a CodebookLinear decodes at once; larger layers compute their output in row blocks."""
 
 
 @dataclasses.dataclass
@@ -274,7 +276,17 @@ class CodebookLinear(CodedLayer):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.decoded_rows().to(x.dtype), self.bias)
+        rows = self.layout.rows
+        if rows <= DECODE_ROWS or "_dense" in self.__dict__:
+            return F.linear(x, self.decoded_rows().to(x.dtype), self.bias)
+        # a large layer (an LM head) decodes and multiplies in row blocks, so that only one
+        # block of decoded weights exists at a time, here and in exported graphs
+        outputs = []
+        for start in range(0, rows, DECODE_ROWS):
+            index = torch.arange(start, min(start + DECODE_ROWS, rows))
+            bias = None if self.bias is None else self.bias[start : start + DECODE_ROWS]
+            outputs.append(F.linear(x, self.decoded_rows(index).to(x.dtype), bias))
+        return torch.cat(outputs, dim=-1)
 
 
 class CodebookConv2d(CodedLayer):
