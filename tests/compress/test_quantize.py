@@ -353,4 +353,4 @@ def test_large_codebook_linear_computes_in_row_blocks_with_the_same_result():
     coded = kmeans_coded(dense.weight.detach(), None, 3, 64)
     layer = coded_layer_for(dense, coded, "kmeans")
     x = torch.randn(2, 3, 16)
-    assert torch.equal(layer(x), F.linear(x, coded.decode(), dense.bias))
+    assert torch.allclose(layer(x), F.linear(x, coded.decode(), dense.bias), atol=1e-6)
