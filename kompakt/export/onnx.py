@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from kompakt.errors import KompaktError
-
-NO_FOLDING_KEY = "kompakt.disable_constant_folding"
+from kompakt.runtime.ort import NO_FOLDING_KEY, create_session
 
 
 class _Outputs(nn.Module):
@@ -147,25 +146,10 @@ def _check_codes_survived(proto, model: nn.Module) -> int:
     return len(coded)
 
 
-def _ort_session(path: Path, no_folding: bool, optimized: Path | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if optimized is not None:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(optimized)
-        options.add_session_config_entry("session.save_model_format", "ORT")
-    disabled = ["ConstantFolding"] if no_folding else []
-    return ort.InferenceSession(
-        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
-    )
-
-
 def _validate(
     wrapper: nn.Module, path: Path, cases, names: list[str], no_folding: bool, tolerance: float
 ):
-    session = _ort_session(path, no_folding)
+    session = create_session(path, no_folding)
     results = []
     with torch.no_grad():
         for case in cases:
@@ -197,7 +181,7 @@ def _write_mobile(path: Path, no_folding: bool) -> tuple[Path, Path]:
     import onnx
 
     ort_path = path.with_suffix(".ort")
-    _ort_session(path, no_folding, optimized=ort_path)
+    create_session(path, no_folding, save_ort=ort_path)
     proto = onnx.load(str(path), load_external_data=False)
     ops: dict[tuple[str, int], set[str]] = {}
     versions = {o.domain or "ai.onnx": o.version for o in proto.opset_import}

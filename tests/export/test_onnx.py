@@ -11,8 +11,9 @@ import torch
 from kompakt import export, runtime
 from kompakt.compress import boost, prune, quantize
 from kompakt.errors import KompaktError
-from kompakt.export.onnx import _check_codes_survived, _ort_session
+from kompakt.export.onnx import _check_codes_survived
 from kompakt.models import build
+from kompakt.runtime.ort import create_session
 from tests.models import tiny_cnn, tiny_llama
 
 
@@ -142,7 +143,7 @@ def test_mobile_writes_ort_and_the_operator_config(tmp_path):
     weights = sum(
         m.layout.rows * m.layout.cols for m in model.modules() if isinstance(m, quantize.CodedLayer)
     )
-    _ort_session(tmp_path / "q.onnx", no_folding=False, optimized=tmp_path / "folded.ort")
+    create_session(tmp_path / "q.onnx", no_folding=False, save_ort=tmp_path / "folded.ort")
     folded = (tmp_path / "folded.ort").stat().st_size
     assert (tmp_path / "q.ort").stat().st_size < folded - 3 * weights  # fp32: 4 bytes a weight
 
