@@ -139,27 +139,42 @@ def _wikitext_calibration(tokenizer_folder, windows: int):
     return wikitext2_windows(tokenizer, "valid", 512, windows)
 
 
+def _example_input(args: argparse.Namespace, model):
+    import torch
+
+    import kompakt
+
+    if args.input_shape:
+        shape = [int(d) for d in args.input_shape.split(",")]
+        return torch.randn(shape)
+    if hasattr(model, "lm_head"):
+        vocab = model.config.vocab_size
+        return torch.randint(0, vocab, (2, args.seq), generator=torch.Generator().manual_seed(0))
+    if kompakt.artifact.record_of(model).source.get("name") == "fmnist_resnet":
+        return torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    raise KompaktError(
+        f"{args.artifact}: kompakt does not know this model's input; pass --input-shape, e.g. 2,3,224,224"
+    )
+
+
+def _print_validation(validation: dict) -> None:
+    if "skipped" in validation:
+        print(f"export: not validated: {validation['skipped']}")
+    for case in validation.get("cases", []):
+        print(
+            f"export: shapes {case['shapes']}: max abs error {case['max_abs_error']:.3g}, "
+            f"relative {case['max_rel_error']:.3g}"
+        )
+
+
 def _export_onnx(args: argparse.Namespace) -> int:
     import json
-
-    import torch
 
     import kompakt
     from kompakt import export
 
     model = kompakt.load(args.artifact)
-    if args.input_shape:
-        shape = [int(d) for d in args.input_shape.split(",")]
-        example = torch.randn(shape)
-    elif hasattr(model, "lm_head"):
-        vocab = model.config.vocab_size
-        example = torch.randint(0, vocab, (2, args.seq), generator=torch.Generator().manual_seed(0))
-    elif kompakt.artifact.record_of(model).source.get("name") == "fmnist_resnet":
-        example = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    else:
-        raise KompaktError(
-            f"{args.artifact}: kompakt does not know this model's input; pass --input-shape, e.g. 2,3,224,224"
-        )
+    example = _example_input(args, model)
     report = export.onnx(
         model,
         example,
@@ -175,14 +190,36 @@ def _export_onnx(args: argparse.Namespace) -> int:
             f"export: {report['codebook_layers']} codebook layers kept as packed codes "
             "(onnxruntime constant folding disabled for this model)"
         )
-    for case in report["validation"]["cases"]:
-        print(
-            f"export: shapes {case['shapes']}: max abs error {case['max_abs_error']:.3g}, "
-            f"relative {case['max_rel_error']:.3g}"
-        )
+    _print_validation(report["validation"])
     if args.mobile:
         print(f"export: {report['ort_path']} and {report['required_operators']}")
     Path(str(args.out) + ".json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _export_tvm(args: argparse.Namespace) -> int:
+    import kompakt
+    from kompakt import export
+
+    model = kompakt.load(args.artifact)
+    report = export.tvm(
+        model,
+        _example_input(args, model),
+        args.out,
+        target=args.target_name,
+        tolerance=args.tolerance,
+        tune=args.tune,
+        tune_dir=args.tune_dir,
+        overwrite=args.overwrite,
+    )
+    sizes = ", ".join(f"{k} {v:,}" for k, v in sorted(report["params"]["bytes_by_dtype"].items()))
+    print(
+        f"export: {report['path']} for {report['target']['name']} "
+        f"({report['library']}, compiled in {report['compile_seconds']:.1f} s; parameters: {sizes})"
+    )
+    if report["codebook_layers"]:
+        print(f"export: {report['codebook_layers']} codebook layers run as fused decode kernels")
+    _print_validation(report["validation"])
     return 0
 
 
@@ -367,8 +404,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_export_onnx)
 
+    p = targets.add_parser(
+        "tvm", parents=[common], help="an Apache TVM bundle for the host, arm64 Linux or Android"
+    )
+    p.add_argument("artifact", help="kompakt artifact directory")
+    p.add_argument("--out", required=True, help="the bundle directory to write")
+    p.add_argument(
+        "--target",
+        dest="target_name",
+        default="host",
+        help="host, aarch64-linux-gnu, aarch64-linux-android, or a TVM JSON target",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--input-shape", help="example input shape, e.g. 2,1,28,28 (default: known models)"
+    )
+    p.add_argument("--seq", type=int, default=16, help="language models: traced sequence length")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error accepted")
+    p.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="TRIALS",
+        help="MetaSchedule tuning trials (static shapes; default 0: untuned, fast)",
+    )
+    p.add_argument(
+        "--tune-dir", help="tuning database directory, reused across runs (default: OUT-tuning)"
+    )
+    p.set_defaults(func=_export_tvm)
+
     p = commands.add_parser("run", parents=[common], help="run an exported model on .npy inputs")
-    p.add_argument("model", help=".onnx or .ort file")
+    p.add_argument("model", help=".onnx or .ort file, or a TVM bundle directory")
     p.add_argument("--input", nargs="+", default=[], metavar="NAME=FILE.npy", help="model inputs")
     p.add_argument("--out", help="write the outputs to this .npz file")
     p.set_defaults(func=_run)
@@ -376,13 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "bench", parents=[common], help="latency, throughput and peak RSS of exported models"
     )
-    p.add_argument("models", nargs="+", help=".onnx or .ort files")
+    p.add_argument("models", nargs="+", help=".onnx or .ort files, or TVM bundle directories")
     p.add_argument(
         "--batch", type=int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)"
     )
     p.add_argument("--seq", type=int, default=128, help="sequence length for token inputs")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per batch size")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all)")
+    p.add_argument("--threads", type=int, help="runtime threads (default: all)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_bench)
     return parser

@@ -219,6 +219,65 @@ def _export_onnx(state: PipelineState, config: ExportOnnxConfig) -> None:
     state.log(format_table(results))
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportTvmConfig:
+    """Compile the current model to TVM bundles ``<out>/<name>-<target>``. Host bundles are
+    benchmarked (``kompakt bench``); aarch64-linux-gnu bundles run on ``images`` test images
+    under qemu with the arm64 runner. Each prints its top-1 on those images and its latency."""
+
+    name: str = "model"
+    targets: tuple[str, ...] = ("host", "aarch64-linux-gnu")
+    images: int = 256
+    batches: tuple[int, ...] = (1, 64)
+    repeats: int = 20
+
+    def __post_init__(self) -> None:
+        check(
+            bool(self.name) and "/" not in self.name,
+            f"name must be a plain file name, got {self.name!r}",
+        )
+        check(self.images >= 1 and self.repeats >= 1, "images and repeats must be >= 1")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "batches", tuple(self.batches))
+
+
+@stage("export_tvm", ExportTvmConfig)
+def _export_tvm(state: PipelineState, config: ExportTvmConfig) -> None:
+    from kompakt import export, runtime
+    from kompakt.runtime import arm64
+    from kompakt.runtime.bench import bench, format_table
+
+    images, labels = (t[: config.images] for t in state.data("test"))
+    for target in config.targets:
+        bundle = state.out / f"{config.name}-{target}"
+        report = export.tvm(state.model, images[:2], bundle, target=target, overwrite=True)
+        sizes = ", ".join(
+            f"{k} {v:,}" for k, v in sorted(report["params"]["bytes_by_dtype"].items())
+        )
+        state.log(
+            f"[export_tvm] {bundle} ({target}): compiled in {report['compile_seconds']:.1f} s; "
+            f"parameters {sizes}; {report['codebook_layers']} fused codebook layers"
+        )
+        if report["target"]["name"] == "host":
+            (logits,) = runtime.load(bundle).run([images.numpy()]).values()
+            how = "host"
+        elif report["target"]["name"] == "aarch64-linux-gnu":
+            outputs, timing = arm64.run_bundle(
+                bundle, {"input": images.numpy()}, repeat=config.repeats
+            )
+            (logits,) = outputs.values()
+            how = (
+                f"qemu-aarch64 (emulated), batch {len(images)}: {timing['median_ms']:.1f} ms median"
+            )
+        else:
+            continue
+        top1 = float((torch.from_numpy(logits).argmax(1) == labels).float().mean())
+        state.log(f"[export_tvm] {target} on {len(images)} test images: top-1 {top1:.2%}; {how}")
+        if report["target"]["name"] == "host":
+            result = bench(bundle, list(config.batches), repeats=config.repeats)
+            state.log(format_table([result]))
+
+
 def load_recipe(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
     """``(where, recipe mapping)`` from a YAML file, or the built-in demo recipe."""
     if path is None:

@@ -26,6 +26,7 @@ def test_short_pipeline_trains_saves_and_records_accuracy(tmp_path):
             {"quantize": {"method": "jlcm", "bits": 4, "calibration": 256, "steps": 10}},
             {"save": {"name": "q"}},
             {"export_onnx": {"name": "q", "baseline": "m", "batches": [1, 4], "repeats": 3}},
+            {"export_tvm": {"name": "q", "images": 64, "batches": [1, 4], "repeats": 2}},
         ],
     }
     run_pipeline(write_recipe(tmp_path, recipe), log=lines.append)
@@ -40,8 +41,16 @@ def test_short_pipeline_trains_saves_and_records_accuracy(tmp_path):
     before, after = (float(a.rstrip("%")) for a in line.split("test accuracy ")[1].split(" -> "))
     assert after > before - 3  # points
     assert (tmp_path / "out" / "q.onnx").exists() and (tmp_path / "out" / "m.onnx").exists()
-    table = lines[-1].splitlines()
-    assert table[0].split()[:3] == ["model", "batch", "p50"] and len(table) == 5
+    tables = [line.splitlines() for line in lines if line.startswith("model ")]
+    assert all(t[0].split()[:3] == ["model", "batch", "p50"] for t in tables)
+    assert [len(t) for t in tables] == [5, 3]  # onnx: dense and quantized; tvm: host bundle
+    assert (tmp_path / "out" / "q-host" / "params.ktns").exists()
+    top1 = {
+        line.split()[1]: line.split("top-1 ")[1].split(";")[0]
+        for line in lines
+        if line.startswith("[export_tvm]") and "top-1" in line
+    }
+    assert set(top1) == {"host", "aarch64-linux-gnu"} and len(set(top1.values())) == 1
     assert any(line.startswith("[evaluate] test accuracy") for line in lines)
     assert any("compression: 1.00x vs fp32" in line for line in lines)
 
@@ -60,6 +69,7 @@ def test_builtin_demo_recipe_is_valid():
         "quantize",
         "save",
         "export_onnx",
+        "export_tvm",
     ]
 
 

@@ -27,77 +27,16 @@ import torch
 from torch import nn
 
 from kompakt.errors import KompaktError
+from kompakt.export.tracing import (
+    Outputs,
+    as_tuple,
+    dynamic_shapes,
+    input_names,
+    is_language_model,
+    relative_error,
+    validation_inputs,
+)
 from kompakt.runtime.ort import NO_FOLDING_KEY, create_session
-
-
-class _Outputs(nn.Module):
-    """Calls the model with positional tensors and returns plain tensors (logits for LMs)."""
-
-    def __init__(self, model: nn.Module, language_model: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.language_model = language_model
-
-    def forward(self, *inputs: torch.Tensor):
-        if self.language_model:
-            return self.model(*inputs, use_cache=False).logits
-        out = self.model(*inputs)
-        return getattr(out, "logits", out)
-
-
-def _is_language_model(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model, "lm_head")
-
-
-def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    inputs = (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    )
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise KompaktError("example_inputs must be a tensor or a sequence of tensors")
-    return tuple(t if t.shape[0] >= 2 else t.repeat(2, *[1] * (t.dim() - 1)) for t in inputs)
-
-
-def _is_tokens(t: torch.Tensor) -> bool:
-    return not t.is_floating_point() and t.dim() == 2
-
-
-def _input_names(inputs: tuple[torch.Tensor, ...]) -> list[str]:
-    if len(inputs) == 1:
-        return ["input_ids" if _is_tokens(inputs[0]) else "input"]
-    return [f"input_{i}" for i in range(len(inputs))]
-
-
-def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], dynamic: bool):
-    if not dynamic:
-        return None
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("seq", min=2, max=8192)
-    # one entry: the wrapper's ``*inputs``
-    return (tuple({0: batch, 1: seq} if _is_tokens(t) else {0: batch} for t in inputs),)
-
-
-def _other_shapes(
-    inputs: tuple[torch.Tensor, ...], dynamic: bool
-) -> list[tuple[torch.Tensor, ...]]:
-    """Inputs of the traced shape and, when dynamic, of two other batch (and seq) sizes."""
-    cases = [inputs]
-    if not dynamic:
-        return cases
-    gen = torch.Generator().manual_seed(0)
-    for batch, seq_delta in ((inputs[0].shape[0] + 1, -1), (1, 3)):
-        case = []
-        for t in inputs:
-            if _is_tokens(t):
-                seq = max(2, t.shape[1] + seq_delta)
-                reps = (-(-batch // t.shape[0]), -(-seq // t.shape[1]))
-                case.append(t.repeat(*reps)[:batch, :seq])
-            elif t.is_floating_point():
-                case.append(torch.randn((batch, *t.shape[1:]), generator=gen, dtype=t.dtype))
-            else:
-                case.append(t.repeat(-(-batch // t.shape[0]), *[1] * (t.dim() - 1))[:batch])
-        cases.append(tuple(case))
-    return cases
 
 
 def initializer_bytes(proto) -> dict[str, int]:
@@ -156,17 +95,8 @@ def _validate(
             ref = wrapper(*case)
             ref = ref if isinstance(ref, tuple | list) else (ref,)
             got = session.run(None, {n: t.numpy() for n, t in zip(names, case, strict=True)})
-            abs_err = max(
-                float((torch.from_numpy(g) - r).abs().max()) for g, r in zip(got, ref, strict=True)
-            )
-            scale = max(max(float(r.abs().max()) for r in ref), 1.0)
-            results.append(
-                {
-                    "shapes": [list(t.shape) for t in case],
-                    "max_abs_error": abs_err,
-                    "max_rel_error": abs_err / scale,
-                }
-            )
+            errors = relative_error(ref, [torch.from_numpy(g) for g in got])
+            results.append({"shapes": [list(t.shape) for t in case], **errors})
     worst = max(r["max_rel_error"] for r in results)
     return {
         "cases": results,
@@ -220,10 +150,10 @@ def export_onnx(
         raise KompaktError(
             f"{path}: already exists; pass overwrite=True (--overwrite) or choose another path"
         )
-    inputs = _as_tuple(example_inputs)
-    names = _input_names(inputs)
-    language_model = _is_language_model(model)
-    wrapper = _Outputs(model, language_model).eval()
+    inputs = as_tuple(example_inputs)
+    names = input_names(inputs)
+    language_model = is_language_model(model)
+    wrapper = Outputs(model, language_model).eval()
     output_names = ["logits" if language_model else "output"]
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
         tmp_path = Path(tmp) / path.name
@@ -236,7 +166,7 @@ def export_onnx(
                 optimize=False,
                 input_names=names,
                 output_names=output_names,
-                dynamic_shapes=_dynamic_shapes(inputs, dynamic),
+                dynamic_shapes=dynamic_shapes(inputs, dynamic),
                 verbose=False,
             )
         except Exception as e:  # the exporter raises many types; name the model and the cause
@@ -245,7 +175,7 @@ def export_onnx(
         proto = onnx.load(str(tmp_path))
         coded = _check_codes_survived(proto, model)
         validation = _validate(
-            wrapper, tmp_path, _other_shapes(inputs, dynamic), names, coded > 0, tolerance
+            wrapper, tmp_path, validation_inputs(inputs, dynamic), names, coded > 0, tolerance
         )
         if not validation["valid"]:
             worst = max(validation["cases"], key=lambda c: c["max_rel_error"])

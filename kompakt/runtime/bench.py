@@ -101,7 +101,10 @@ def peak_rss_bytes() -> int:
 
 
 def model_bytes(path: Path) -> int:
-    """The model file plus any external-data files beside it that it names."""
+    """The model file plus any external-data files beside it that it names; for a TVM
+    bundle directory, its library and parameters."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.name != "manifest.json")
     total = path.stat().st_size
     data = path.with_name(path.name + ".data")
     return total + (data.stat().st_size if data.exists() else 0)
@@ -116,8 +119,8 @@ def bench(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Measure ``path`` in a fresh process; returns the measurement as a dict."""
-    if not Path(path).is_file():
-        raise KompaktError(f"{path}: no such model file")
+    if not Path(path).exists():
+        raise KompaktError(f"{path}: no such model file or bundle")
     args = [
         sys.executable,
         "-m",

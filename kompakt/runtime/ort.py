@@ -8,7 +8,7 @@ weights when the session is created.
 
 from __future__ import annotations
 
-import dataclasses
+import mmap
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kompakt.errors import KompaktError
+from kompakt.runtime.specs import TensorSpec, checked_inputs
 
 NO_FOLDING_KEY = "kompakt.disable_constant_folding"
 _DTYPES = {
@@ -31,19 +32,6 @@ _DTYPES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """An input or output: its name, numpy dtype and shape (``None`` or a name for dynamic axes)."""
-
-    name: str
-    dtype: Any
-    shape: tuple[int | str | None, ...]
-
-    def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name}: {np.dtype(self.dtype).name}[{dims}]"
-
-
 def _spec(arg) -> TensorSpec:
     dtype = _DTYPES.get(arg.type)
     if dtype is None:
@@ -53,13 +41,53 @@ def _spec(arg) -> TensorSpec:
     return TensorSpec(arg.name, dtype, tuple(arg.shape))
 
 
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def model_metadata(path: Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, read from its top-level protobuf fields
+    without parsing the graph (``onnx.load`` would hold a second copy of every weight)."""
+    entries: dict[str, str] = {}
+    if path.stat().st_size == 0:
+        raise KompaktError(f"{path}: empty file, not an ONNX model")
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 0
+        try:
+            while pos < len(buf):
+                tag, pos = _varint(buf, pos)
+                wire = tag & 7
+                if wire == 0:
+                    _, pos = _varint(buf, pos)
+                    continue
+                if wire != 2:  # ModelProto has no fixed-width top-level fields
+                    raise ValueError(f"wire type {wire}")
+                size, pos = _varint(buf, pos)
+                if tag >> 3 == 14:  # metadata_props: StringStringEntryProto {1: key, 2: value}
+                    entry, at, fields = bytes(buf[pos : pos + size]), 0, {}
+                    while at < size:
+                        field, at = _varint(entry, at)
+                        length, at = _varint(entry, at)
+                        fields[field >> 3] = entry[at : at + length].decode()
+                        at += length
+                    entries[fields.get(1, "")] = fields.get(2, "")
+                pos += size
+        except (IndexError, ValueError, UnicodeDecodeError) as e:
+            raise KompaktError(f"{path}: not a readable ONNX model ({e})") from e
+    return entries
+
+
 def _needs_no_folding(path: Path) -> bool:
     if path.suffix == ".ort":  # saved already optimised, with the optimizers the export chose
         return False
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(p.key == NO_FOLDING_KEY and p.value == "1" for p in proto.metadata_props)
+    return model_metadata(path).get(NO_FOLDING_KEY) == "1"
 
 
 def create_session(
@@ -106,40 +134,7 @@ class OrtSession:
         self.inputs = [_spec(a) for a in self._session.get_inputs()]
         self.outputs = [_spec(a) for a in self._session.get_outputs()]
 
-    def _check(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
-        if not isinstance(inputs, Mapping):
-            inputs = list(inputs) if not isinstance(inputs, np.ndarray) else [inputs]
-            if len(inputs) != len(self.inputs):
-                raise KompaktError(
-                    f"{self.path.name}: expects {len(self.inputs)} input(s) "
-                    f"({'; '.join(s.describe() for s in self.inputs)}), got {len(inputs)}"
-                )
-            inputs = {s.name: v for s, v in zip(self.inputs, inputs, strict=True)}
-        expected = {s.name for s in self.inputs}
-        unknown, missing = sorted(set(inputs) - expected), sorted(expected - set(inputs))
-        if unknown or missing:
-            raise KompaktError(
-                f"{self.path.name}: input names {sorted(inputs)} do not match the model's "
-                f"({'; '.join(s.describe() for s in self.inputs)})"
-            )
-        feed = {}
-        for spec in self.inputs:
-            value = np.asarray(inputs[spec.name])
-            if value.dtype != np.dtype(spec.dtype):
-                raise KompaktError(
-                    f"{self.path.name}: input {spec.name!r} has dtype {value.dtype}, expected "
-                    f"{np.dtype(spec.dtype).name} ({spec.describe()})"
-                )
-            fixed = [(i, d) for i, d in enumerate(spec.shape) if isinstance(d, int)]
-            if value.ndim != len(spec.shape) or any(value.shape[i] != d for i, d in fixed):
-                raise KompaktError(
-                    f"{self.path.name}: input {spec.name!r} has shape {list(value.shape)}, expected "
-                    f"{spec.describe()}"
-                )
-            feed[spec.name] = value
-        return feed
-
     def run(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
-        feed = self._check(inputs)
+        feed = checked_inputs(self.path.name, self.inputs, inputs)
         values = self._session.run(None, feed)
         return {s.name: v for s, v in zip(self.outputs, values, strict=True)}

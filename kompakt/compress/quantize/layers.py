@@ -34,7 +34,7 @@ from kompakt.compress.quantize.packing import pack_codes, packed_row_bytes, unpa
 from kompakt.errors import KompaktError
 
 PLAN_KIND = "quantize"
-DECODE_ROWS = 4096
+DECODE_ROWS = 1024
 """Rows a CodebookLinear decodes at once; larger layers compute their output in row blocks."""
 
 
@@ -56,7 +56,7 @@ class CodedWeight:
 
     def decode(self) -> torch.Tensor:
         """The dense float32 weight these codes stand for (codebook and scales rounded to fp16)."""
-        return _decode(
+        return decode_codes(
             self.codes,
             self.group_of_rows(),
             _fp16(self.codebook),
@@ -78,17 +78,22 @@ def _group_of_rows(rows: int, groups: int, row_group: torch.Tensor | None) -> to
     return torch.zeros(rows, dtype=torch.int64)
 
 
-def _decode(codes, group, codebook, scales, offsets, block) -> torch.Tensor:
+def decode_codes(codes, group, codebook, scales, offsets, block) -> torch.Tensor:
     """Shared decode: ``codes [n, cols]`` of rows whose groups are ``group [n]``."""
     table = codebook[group] if codebook.shape[0] > 1 else codebook.expand(len(group), -1)
     w = torch.gather(table, 1, codes.long())
+    if scales is None and offsets is None:
+        return w
+    rows, cols = codes.shape
+    blocks = -(-cols // block)
+    if blocks * block != cols:  # a ragged last block: pad to whole blocks, cut after
+        w = F.pad(w, (0, blocks * block - cols))
+    w = w.view(rows, blocks, block)  # scales broadcast over each block, never expanded
     if scales is not None:
-        cols = codes.shape[1]
-        w = w * scales[group].repeat_interleave(block, dim=1)[:, :cols]
+        w = w * scales[group][:, :, None]
     if offsets is not None:
-        cols = codes.shape[1]
-        w = w + offsets[group].repeat_interleave(block, dim=1)[:, :cols]
-    return w
+        w = w + offsets[group][:, :, None]
+    return w.reshape(rows, blocks * block)[:, :cols]
 
 
 def group_bits(groups: int, rows: int) -> int:
@@ -192,8 +197,14 @@ class CodedLayer(nn.Module):
             row_group = unpack_row_groups(self.row_group, lay.groups, lay.rows)
         return _group_of_rows(lay.rows, lay.groups, row_group)
 
-    def decoded_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoded float32 weight ``[rows, cols]``, or only the rows in ``index``."""
+    def decoded_rows(
+        self, index: torch.Tensor | None = None, after: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The decoded float32 weight ``[rows, cols]``, or only the rows in ``index``.
+
+        ``after`` (the layer's input) adds a data dependency that is always zero: in an
+        exported graph the decode then runs once the layer's input exists, next to its use,
+        instead of every layer's weights being decoded up front and held at once."""
         cache = self.__dict__.get("_dense")
         if cache is not None:
             return cache if index is None else cache[index]
@@ -201,14 +212,12 @@ class CodedLayer(nn.Module):
         codes, group = self.codes, self.group_of_rows()
         if index is not None:
             codes, group = codes[index], group[index]
-        return _decode(
-            unpack_codes(codes, lay.bits, lay.cols),
-            group,
-            self.codebook.float(),
-            None if self.scales is None else self.scales.float(),
-            None if self.offsets is None else self.offsets.float(),
-            lay.block,
-        )
+        floats = [t if t is None else t.float() for t in (self.codebook, self.scales, self.offsets)]
+        if after is not None:
+            zero = after[..., :0].sum()  # an empty sum: exactly 0
+            codes, group = codes + zero.to(codes.dtype), group + zero.to(group.dtype)
+            floats = [t if t is None else t + zero.to(t.dtype) for t in floats]
+        return decode_codes(unpack_codes(codes, lay.bits, lay.cols), group, *floats, lay.block)
 
     def weight_bits(self) -> int:
         """Stored bits of the coded weight: codes, codebooks, row groups, scales, offsets."""
@@ -278,14 +287,16 @@ class CodebookLinear(CodedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.layout.rows
         if rows <= DECODE_ROWS or "_dense" in self.__dict__:
-            return F.linear(x, self.decoded_rows().to(x.dtype), self.bias)
+            return F.linear(x, self.decoded_rows(after=x).to(x.dtype), self.bias)
         # a large layer (an LM head) decodes and multiplies in row blocks, so that only one
         # block of decoded weights exists at a time, here and in exported graphs
         outputs = []
         for start in range(0, rows, DECODE_ROWS):
             index = torch.arange(start, min(start + DECODE_ROWS, rows))
             bias = None if self.bias is None else self.bias[start : start + DECODE_ROWS]
-            outputs.append(F.linear(x, self.decoded_rows(index).to(x.dtype), bias))
+            # each block after the previous block's output: one decoded block at a time
+            after = x if not outputs else outputs[-1]
+            outputs.append(F.linear(x, self.decoded_rows(index, after).to(x.dtype), bias))
         return torch.cat(outputs, dim=-1)
 
 
@@ -325,14 +336,14 @@ class CodebookConv2d(CodedLayer):
             "bias": self.bias is not None,
         }
 
-    def kernel(self) -> torch.Tensor:
+    def kernel(self, after: torch.Tensor | None = None) -> torch.Tensor:
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        return self.decoded_rows().view(shape)
+        return self.decoded_rows(after=after).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
             x,
-            self.kernel().to(x.dtype),
+            self.kernel(after=x).to(x.dtype),
             self.bias,
             self.stride,
             self.padding,

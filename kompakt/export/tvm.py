@@ -1,0 +1,462 @@
+"""Export a (compressed) model to an Apache TVM bundle, and validate it.
+
+Path: ``torch.export`` (batch >= 2, dynamic batch and, for token ids, sequence) ->
+``relax.frontend.torch.from_exported_program`` (parameters kept as inputs) -> ``tvm.compile``
+for the target (:mod:`kompakt.export.targets`) -> ``export_library``.
+
+Codebook layers are replaced, in a copy of the model, by calls to two torch custom ops
+(``kompakt::codebook_linear``, ``kompakt::codebook_rows``) that the Relax importer lowers to
+the TIR kernels of :mod:`kompakt.export.tvm_kernels`: the kernels read the packed codes,
+codebooks and scales inside the matmul (or the embedding lookup), so the float weight matrix
+is never materialised. A Codebook Conv2d decodes its kernel with the row kernel on each call
+(a conv kernel is small) and runs TVM's conv2d on it.
+
+Every tensor of the model (parameters and buffers) is a parameter of the compiled ``main``
+and is stored in the bundle's ``params.ktns``, so the library holds code only, and the
+manifest can show that codes stay packed (uint8). A bundle directory holds the library
+(``model.so``, or ``model.tar`` of object files for Android), ``params.ktns`` and
+``manifest.json``; it is written only once validated, atomically.
+
+Validation: on targets the host can run, the compiled model against torch on the traced
+shape and two others; on ``aarch64-linux-gnu`` under ``qemu-aarch64`` with the kompakt arm64
+runner when it is installed. Above ``tolerance`` the export is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kompakt.compress.quantize.layers import (
+    CodebookConv2d,
+    CodebookLinear,
+    CodedLayer,
+    decode_codes,
+)
+from kompakt.compress.quantize.packing import unpack_codes
+from kompakt.errors import KompaktError
+from kompakt.export.targets import Target, resolve
+from kompakt.export.tracing import (
+    Outputs,
+    as_tuple,
+    dynamic_shapes,
+    input_names,
+    is_language_model,
+    relative_error,
+    validation_inputs,
+)
+
+MANIFEST = "manifest.json"
+PARAMS = "params.ktns"
+BUNDLE_FORMAT = "kompakt-tvm-bundle"
+
+
+def _decode(codes, codebook, group, scales, offsets, bits, cols, block, has_scales, has_offsets):
+    return decode_codes(
+        unpack_codes(codes, bits, cols),
+        group.long(),
+        codebook.float(),
+        scales.float() if has_scales else None,
+        offsets.float() if has_offsets else None,
+        block,
+    )
+
+
+@torch.library.custom_op("kompakt::codebook_linear", mutates_args=())
+def codebook_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    group: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor,
+    bits: int,
+    cols: int,
+    block: int,
+    has_scales: bool,
+    has_offsets: bool,
+) -> torch.Tensor:
+    """``x [n, cols] @ decode(codes).T + bias``; TVM lowers it to a fused kernel."""
+    w = _decode(codes, codebook, group, scales, offsets, bits, cols, block, has_scales, has_offsets)
+    return F.linear(x, w, bias)
+
+
+@codebook_linear.register_fake
+def _(x, codes, codebook, group, scales, offsets, bias, bits, cols, block, has_scales, has_offsets):
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+@torch.library.custom_op("kompakt::codebook_rows", mutates_args=())
+def codebook_rows(
+    index: torch.Tensor,
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    group: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    cols: int,
+    block: int,
+    has_scales: bool,
+    has_offsets: bool,
+) -> torch.Tensor:
+    """The decoded rows ``index [n]`` of the coded weight: ``[n, cols]`` float32."""
+    w = _decode(
+        codes[index],
+        codebook,
+        group[index],
+        scales,
+        offsets,
+        bits,
+        cols,
+        block,
+        has_scales,
+        has_offsets,
+    )
+    return w
+
+
+@codebook_rows.register_fake
+def _(index, codes, codebook, group, scales, offsets, bits, cols, block, has_scales, has_offsets):
+    return codebook.new_empty(index.shape[0], cols, dtype=torch.float32)
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+
+class _Fused(nn.Module):
+    """A Codebook layer as a call to a kompakt custom op, its tensors as parameters."""
+
+    def __init__(self, layer: CodedLayer, shared: dict[int, dict[str, nn.Parameter]]) -> None:
+        super().__init__()
+        lay = layer.layout
+        self.layer = layer.layer_kind
+        self.static = (lay.bits, lay.cols, lay.block, lay.scales, lay.offsets)
+        key = id(layer.codes)  # a tied embedding and LM head share their coded tensors
+        if key not in shared:
+            placeholder = torch.zeros(1, 1, dtype=torch.float16)
+            shared[key] = {
+                "codes": _frozen(layer.codes),
+                "codebook": _frozen(layer.codebook),
+                "group": _frozen(layer.group_of_rows().to(torch.int32)),
+                "scales": _frozen(layer.scales if lay.scales else placeholder + 1),
+                "offsets": _frozen(layer.offsets if lay.offsets else placeholder),
+            }
+        for name, p in shared[key].items():
+            self.register_parameter(name, p)
+        if isinstance(layer, CodebookLinear):
+            self.bias = _frozen(
+                layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+            )
+        if isinstance(layer, CodebookConv2d):
+            self.conv = {
+                "shape": (
+                    layer.out_channels,
+                    layer.in_channels // layer.groups,
+                    *layer.kernel_size,
+                ),
+                "stride": layer.stride,
+                "padding": layer.padding,
+                "dilation": layer.dilation,
+                "groups": layer.groups,
+            }
+            self.index = _frozen(torch.arange(lay.rows))
+            self.bias = None if layer.bias is None else _frozen(layer.bias)
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.codebook, self.group, self.scales, self.offsets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer == "linear":
+            flat = x.reshape(-1, x.shape[-1])
+            y = codebook_linear(flat, *self._tensors(), self.bias, *self.static)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        if self.layer == "embedding":
+            rows = codebook_rows(x.reshape(-1), *self._tensors(), *self.static)
+            return rows.view(*x.shape, rows.shape[-1])
+        c = self.conv
+        kernel = codebook_rows(self.index, *self._tensors(), *self.static).view(c["shape"])
+        return F.conv2d(x, kernel, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+
+def _prepared(model: nn.Module) -> tuple[nn.Module, int]:
+    """A copy of ``model`` with Codebook layers fused and every persistent buffer made a
+    parameter (non-persistent ones, e.g. rotary frequencies, become library constants)."""
+    model = copy.deepcopy(model).eval()
+    shared: dict[int, dict[str, nn.Parameter]] = {}
+    coded = [(n, m) for n, m in model.named_modules() if isinstance(m, CodedLayer)]
+    for name, layer in coded:
+        model.set_submodule(name, _Fused(layer, shared))
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                del module._buffers[name]
+                module.register_parameter(name, _frozen(buffer))
+    return model, len(coded)
+
+
+# ---- Relax lowering of the custom ops -------------------------------------------------
+
+
+@functools.cache
+def _kernel(kind: str, shape):
+    from kompakt.export import tvm_kernels
+
+    return (tvm_kernels.codebook_linear if kind == "linear" else tvm_kernels.codebook_rows)(shape)
+
+
+def _coded_shape(node, first: int):
+    from kompakt.export.tvm_kernels import CodedShape
+
+    codes, codebook, _, scales = (node.args[first + i].meta["val"] for i in range(4))
+    bits, cols, block, has_scales, has_offsets = node.args[-5:]
+    return CodedShape(
+        rows=int(codes.shape[0]),
+        cols=cols,
+        bits=bits,
+        row_bytes=int(codes.shape[1]),
+        codebooks=int(codebook.shape[0]),
+        entries=int(codebook.shape[1]),
+        scale_rows=int(scales.shape[0]),
+        blocks=int(scales.shape[1]),
+        block=block,
+        has_scales=has_scales,
+        has_offsets=has_offsets,
+    )
+
+
+def _lower(kind: str, tensors: int):
+    def convert(node, importer):
+        from tvm import relax
+
+        shape = _coded_shape(node, 1)
+        args = [importer.env[a] for a in node.args[:tensors]]
+        n = args[0].ty.shape[0]
+        out = (n, shape.rows) if kind == "linear" else (n, shape.cols)
+        func = importer.block_builder.add_func(_kernel(kind, shape), f"codebook_{kind}")
+        return importer.block_builder.emit(
+            relax.call_tir(func, args, relax.TensorType(out, "float32"))
+        )
+
+    return convert
+
+
+def _convert_map() -> dict[str, Any]:
+    return {
+        "codebook_linear.default": _lower("linear", 7),
+        "codebook_rows.default": _lower("rows", 6),
+    }
+
+
+# ---- export ----------------------------------------------------------------------------
+
+
+def _to_relax(prepared: nn.Module, inputs, dynamic: bool, label: str):
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        with torch.no_grad():
+            program = torch.export.export(
+                prepared, inputs, dynamic_shapes=dynamic_shapes(inputs, dynamic)
+            )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KompaktError(f"TVM export of {label}: torch.export failed: {first}") from e
+    try:
+        mod = from_exported_program(
+            program, keep_params_as_input=True, custom_convert_map=_convert_map()
+        )
+    except Exception as e:  # an op the Relax importer has no converter for, mostly
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KompaktError(f"TVM export of {label}: TVM cannot import the graph: {first}") from e
+    mod, params = relax.frontend.detach_params(mod)
+    # tied parameters (an embedding and its LM head) are lifted once per name: pass one
+    main, kept, first, binding = mod["main"], {}, {}, {}
+    named = list(program.named_parameters())
+    for var, (name, tensor), value in zip(
+        main.params[len(inputs) :], named, params["main"], strict=True
+    ):
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key in first:
+            binding[var] = first[key]
+        else:
+            first[key], kept[name] = var, value.numpy()
+    if binding:
+        mod["main"] = main.bind_params(binding)
+    return mod, kept
+
+
+def _compile(mod, target: Target, tune: int, tune_dir: Path | None, label: str):
+    import tvm
+    from tvm import relax
+
+    spec = dict(target.tvm)
+    if tune:  # MetaSchedule sizes its search by the core count, which the target must state
+        spec.setdefault("num-cores", os.cpu_count() or 1)
+    tvm_target = tvm.target.Target(spec)
+    try:
+        if tune:
+            pipeline = relax.pipeline.static_shape_tuning_pipeline(
+                total_trials=tune, target=tvm_target, work_dir=str(tune_dir)
+            )
+            with tvm_target:
+                mod = pipeline(mod)
+        return tvm.compile(mod, target=tvm_target)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KompaktError(
+            f"TVM export of {label}: compiling for {target.name} failed: {first}"
+        ) from e
+
+
+def _validate(run, wrapper: nn.Module, cases, tolerance: float) -> dict[str, Any]:
+    results = []
+    with torch.no_grad():
+        for case in cases:
+            ref = wrapper(*case)
+            ref = ref if isinstance(ref, tuple | list) else (ref,)
+            got = [torch.from_numpy(g) for g in run([t.numpy() for t in case])]
+            results.append({"shapes": [list(t.shape) for t in case], **relative_error(ref, got)})
+    worst = max(r["max_rel_error"] for r in results)
+    return {
+        "cases": results,
+        "tolerance": tolerance,
+        "max_rel_error": worst,
+        "valid": worst <= tolerance,
+    }
+
+
+def _runner(bundle: Path, target: Target, names: list[str]):
+    """Runs the bundle: in this process on the host, under qemu for aarch64; else None."""
+    if target.runs_on_host:
+        from kompakt.runtime.tvm import TvmSession
+
+        session = TvmSession(bundle)
+        return lambda arrays: list(session.run(dict(zip(names, arrays, strict=True))).values())
+    if target.runs_under_qemu:
+        from kompakt.runtime import arm64
+
+        if arm64.missing() is None:
+            return lambda arrays: list(
+                arm64.run_bundle(bundle, dict(zip(names, arrays, strict=True)))[0].values()
+            )
+    return None
+
+
+def export_tvm(
+    model_or_artifact: nn.Module | str | os.PathLike[str],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    out_dir: str | os.PathLike[str],
+    *,
+    target: str | dict[str, Any] = "host",
+    dynamic: bool = True,
+    tolerance: float = 1e-4,
+    tune: int = 0,
+    tune_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Compile ``model_or_artifact`` for ``target`` into the bundle ``out_dir``; returns the
+    report (also the bundle's ``manifest.json``). ``tune`` > 0: MetaSchedule tuning with that
+    many trials, its database in ``tune_dir`` (reused across runs); tuning needs static shapes,
+    so it implies ``dynamic=False``."""
+    import kompakt
+    from kompakt.runtime.tensorfile import write_tensors
+
+    model = model_or_artifact
+    source = None
+    if not isinstance(model, nn.Module):
+        source = str(model_or_artifact)
+        model = kompakt.load(model_or_artifact)
+    model.eval()
+    label = type(model).__name__
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise KompaktError(
+            f"{out_dir}: already exists; pass overwrite=True (--overwrite) or choose another path"
+        )
+    spec = resolve(target)
+    if tune:
+        dynamic = False
+        tune_dir = Path(tune_dir) if tune_dir else out_dir.parent / f"{out_dir.name}-tuning"
+        tune_dir.mkdir(parents=True, exist_ok=True)
+    inputs = as_tuple(example_inputs)
+    names = input_names(inputs)
+    language_model = is_language_model(model)
+    prepared, coded = _prepared(model)
+    wrapper = Outputs(prepared, language_model).eval()
+    start = time.perf_counter()
+    mod, params = _to_relax(wrapper, inputs, dynamic, label)
+    executable = _compile(mod, spec, tune, tune_dir, label)
+    compile_seconds = time.perf_counter() - start
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        bundle.mkdir()
+        executable.export_library(str(bundle / spec.library), fcompile=spec.fcompile())
+        write_tensors(bundle / PARAMS, params)
+        bytes_by_dtype: dict[str, int] = {}
+        for array in params.values():
+            bytes_by_dtype[str(array.dtype)] = (
+                bytes_by_dtype.get(str(array.dtype), 0) + array.nbytes
+            )
+        dims = dynamic_shapes(inputs, dynamic)
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "version": 1,
+            "kompakt_version": kompakt.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": source or label,
+            "target": {"name": spec.name, "tvm": spec.tvm},
+            "library": spec.library,
+            "link": spec.link_note,
+            "inputs": [
+                {
+                    "name": n,
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "shape": [
+                        None if dims and i in dims[0][k] else d for i, d in enumerate(t.shape)
+                    ],
+                }
+                for k, (n, t) in enumerate(zip(names, inputs, strict=True))
+            ],
+            "outputs": [{"name": "logits" if language_model else "output", "dtype": "float32"}],
+            "params": {"count": len(params), "bytes_by_dtype": bytes_by_dtype},
+            "codebook_layers": coded,
+            "tuning_trials": tune,
+            "compile_seconds": round(compile_seconds, 2),
+        }
+        (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        run = _runner(bundle, spec, names)
+        if run is None:
+            manifest["validation"] = {"skipped": f"the host cannot run {spec.name} bundles"}
+        else:
+            validation = _validate(run, wrapper, validation_inputs(inputs, dynamic), tolerance)
+            manifest["validation"] = validation
+            if not validation["valid"]:
+                worst = max(validation["cases"], key=lambda c: c["max_rel_error"])
+                raise KompaktError(
+                    f"TVM export of {label} for {spec.name}: the compiled model differs from "
+                    f"torch by {worst['max_rel_error']:.3g} (relative) on shapes "
+                    f"{worst['shapes']}, above the tolerance {tolerance:g}; nothing written"
+                )
+        (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(bundle, out_dir)
+    return {"path": str(out_dir), **manifest}

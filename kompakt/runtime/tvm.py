@@ -1,0 +1,87 @@
+"""Run a TVM bundle (written by :mod:`kompakt.export.tvm`) on the host with TVM's Relax VM.
+
+Imports neither torch nor ``kompakt.compress``. The bundle's parameters are read once from
+``params.ktns`` and passed to ``main`` after the inputs on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kompakt.errors import KompaktError
+from kompakt.runtime.specs import TensorSpec, checked_inputs
+from kompakt.runtime.tensorfile import read_tensors
+
+BUNDLE_FORMAT = "kompakt-tvm-bundle"
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        raise KompaktError(f"{bundle}: not a TVM bundle (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise KompaktError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != 1:
+        raise KompaktError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"this kompakt reads {BUNDLE_FORMAT!r} version 1"
+        )
+    return manifest
+
+
+class TvmSession:
+    """A bundle loaded into a Relax VM; ``run`` returns ``{output name: array}``."""
+
+    def __init__(self, bundle: str | os.PathLike[str], threads: int | None = None) -> None:
+        import tvm
+        from tvm import relax
+
+        self.path = Path(bundle)
+        manifest = read_manifest(self.path)
+        if not manifest["target"]["tvm"].get("kind") == "llvm" or manifest["library"] != "model.so":
+            raise KompaktError(
+                f"{self.path}: a {manifest['target']['name']} bundle; this host cannot load it"
+            )
+        triple = manifest["target"]["tvm"].get("mtriple", "")
+        if triple and not triple.startswith(os.uname().machine):
+            raise KompaktError(
+                f"{self.path}: built for {triple}; run it on that machine "
+                "(aarch64: kompakt.runtime.arm64.run_bundle runs it under qemu)"
+            )
+        if threads:
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        library = tvm.runtime.load_module(str(self.path / manifest["library"]))
+        self._device = tvm.cpu()
+        self._vm = relax.VirtualMachine(library, self._device)
+        self._params = [
+            tvm.runtime.tensor(a, self._device)
+            for a in read_tensors(self.path / "params.ktns").values()
+        ]
+        self.inputs = [
+            TensorSpec(i["name"], np.dtype(i["dtype"]), tuple(i["shape"]))
+            for i in manifest["inputs"]
+        ]
+        self.outputs = [
+            TensorSpec(o["name"], np.dtype(o["dtype"]), ()) for o in manifest["outputs"]
+        ]
+        self.manifest = manifest
+
+    def run(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, np.ndarray]:
+        import tvm
+
+        feed = checked_inputs(self.path.name, self.inputs, inputs)
+        args = [
+            tvm.runtime.tensor(np.ascontiguousarray(feed[s.name]), self._device)
+            for s in self.inputs
+        ]
+        result = self._vm["main"](*args, *self._params)
+        values = [result] if hasattr(result, "numpy") else list(result)
+        return {s.name: v.numpy() for s, v in zip(self.outputs, values, strict=True)}

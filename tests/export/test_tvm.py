@@ -1,0 +1,208 @@
+"""TVM export: host parity through the Relax VM, fused codebook kernels, arm64 under qemu."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kompakt import export, runtime
+from kompakt.compress import quantize
+from kompakt.compress.quantize.layers import CodebookLinear, CodedLayer
+from kompakt.errors import KompaktError
+from kompakt.export import tvm_kernels
+from kompakt.models.registry import build, register
+from kompakt.runtime import arm64
+from kompakt.runtime.tensorfile import read_tensors
+from tests.export.test_onnx import _boosted_cnn, _coded_cnn, _images, _pruned_cnn
+from tests.models import tiny_cnn, tiny_llama
+
+
+def _reference(model, inputs):
+    with torch.no_grad():
+        out = model(inputs)
+    return getattr(out, "logits", out).numpy()
+
+
+def _host_parity(model, example, other, path):
+    """Export for the host, load the bundle in a fresh session, run another shape vs torch."""
+    report = export.tvm(model, example, path)
+    assert report["validation"]["valid"] and len(report["validation"]["cases"]) == 3
+    session = runtime.load(path)
+    (value,) = session.run([other.numpy()]).values()
+    ref = _reference(model, other)
+    assert value.shape == ref.shape
+    assert np.abs(value - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    return report
+
+
+def _no_dense_coded_weights(model, bundle):
+    """Every coded layer's codes are in the bundle as packed uint8; no float parameter has a
+    coded weight's size (beyond dense layers of that size)."""
+    params = read_tensors(bundle / "params.ktns")
+    coded = {id(m.codes): m for m in model.modules() if isinstance(m, CodedLayer)}.values()
+    uint8_shapes = [a.shape for a in params.values() if a.dtype == np.uint8]
+    float_sizes = [a.size for a in params.values() if a.dtype.kind == "f"]
+    dense_sizes = [p.numel() for p in model.parameters()]
+    for layer in coded:
+        assert tuple(layer.codes.shape) in uint8_shapes
+        weights = layer.layout.rows * layer.layout.cols
+        assert float_sizes.count(weights) <= dense_sizes.count(weights)
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_cnn, _pruned_cnn, _boosted_cnn], ids=["dense", "pruned", "gbnn"]
+)
+def test_host_parity_cnns(make, tmp_path):
+    model = make()
+    report = _host_parity(model, _images(3), _images(5, seed=1), tmp_path / "bundle")
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [None, 1, 28, 28]
+    assert report["params"]["bytes_by_dtype"]["float32"] == 4 * sum(
+        p.numel() for p in model.parameters()
+    ) + 4 * sum(b.numel() for b in model.buffers() if b.is_floating_point())
+
+
+def test_pruned_bundle_is_smaller(tmp_path):
+    dense = export.tvm(tiny_cnn(), _images(2), tmp_path / "dense")
+    pruned = export.tvm(_pruned_cnn(), _images(2), tmp_path / "pruned")
+    assert (
+        pruned["params"]["bytes_by_dtype"]["float32"] < dense["params"]["bytes_by_dtype"]["float32"]
+    )
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_host_parity_codebook_cnn(bits, tmp_path):
+    model = _coded_cnn(bits)
+    report = _host_parity(model, _images(2), _images(6, seed=2), tmp_path / "bundle")
+    assert report["codebook_layers"] == sum(isinstance(m, CodedLayer) for m in model.modules())
+    _no_dense_coded_weights(model, tmp_path / "bundle")
+
+
+@pytest.mark.parametrize("method", ["jlcm", "gptq"])
+def test_host_parity_llama(method, tmp_path):
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = quantize.quantize(
+        tiny_llama(), quantize.QuantizeConfig(method=method, bits=3, steps=5), ids
+    )
+    other = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(1))
+    report = _host_parity(model, ids, other, tmp_path / "bundle")
+    assert report["inputs"][0]["shape"] == [None, None]
+    _no_dense_coded_weights(model, tmp_path / "bundle")
+    # the tied embedding and LM head share one set of codes in the bundle
+    embed = model.model.embed_tokens
+    params = read_tensors(tmp_path / "bundle" / "params.ktns")
+    assert (
+        sum(a.shape == tuple(embed.codes.shape) and a.dtype == np.uint8 for a in params.values())
+        == 1
+    )
+
+
+def test_dense_llama_host_parity(tmp_path):
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(1))
+    _host_parity(tiny_llama(), ids, other, tmp_path / "bundle")
+
+
+@register("test_linear_stack")
+def _linear_stack(cols: int = 37, rows: int = 29):
+    return nn.Sequential(nn.Linear(cols, rows), nn.ReLU(), nn.Linear(rows, cols, bias=False))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_kernels_every_bit_width_odd_shapes(bits, tmp_path):
+    """Straddling codes (3, 5, 6, 7 bits), ragged scale blocks and a dot-product tail."""
+    torch.manual_seed(bits)
+    model = build("test_linear_stack")
+    x = torch.randn(4, 37)
+    config = quantize.QuantizeConfig(method="rtn", bits=bits, block=16)
+    coded = quantize.quantize(model, config, x, progress=False)
+    assert isinstance(coded[0], CodebookLinear)
+    _host_parity(coded, x, torch.randn(7, 37), tmp_path / "bundle")
+
+
+def test_linear_kernel_never_builds_the_weight():
+    """The kernel's only buffers are a row of weights and the accumulators."""
+    shape = tvm_kernels.CodedShape(
+        rows=512,
+        cols=256,
+        bits=3,
+        row_bytes=96,
+        codebooks=4,
+        entries=8,
+        scale_rows=1,
+        blocks=1,
+        block=256,
+        has_scales=False,
+        has_offsets=False,
+    )
+    text = tvm_kernels.codebook_linear(shape).script()
+    allocs = [line for line in text.splitlines() if "alloc_buffer" in line]
+    assert allocs and all("512" not in line for line in allocs), allocs
+
+
+def test_arm64_bundle_under_qemu_matches_torch(tmp_path):
+    reason = arm64.missing()
+    assert reason is None, reason  # `make setup` installs the cross toolchain, qemu and runtime
+    model = _coded_cnn(3)
+    report = export.tvm(model, _images(2), tmp_path / "arm", target="aarch64-linux-gnu")
+    assert report["validation"]["valid"], report["validation"]
+    other = _images(5, seed=3)
+    outputs, timing = arm64.run_bundle(tmp_path / "arm", {"input": other.numpy()}, repeat=2)
+    (value,) = outputs.values()
+    assert np.abs(value - _reference(model, other)).max() <= 1e-4
+    assert timing["runs"] == 2 and timing["emulated"]
+    with pytest.raises(KompaktError, match="built for aarch64"):
+        runtime.load(tmp_path / "arm")
+
+
+def test_android_bundle_is_an_object_archive(tmp_path):
+    report = export.tvm(
+        tiny_cnn(), _images(2), tmp_path / "android", target="aarch64-linux-android"
+    )
+    assert (tmp_path / "android" / "model.tar").is_file()
+    assert "skipped" in report["validation"] and "NDK" in report["link"]
+
+
+def test_unknown_target_and_unsupported_op(tmp_path):
+    with pytest.raises(KompaktError, match="unknown TVM target 'riscv'"):
+        export.tvm(tiny_cnn(), _images(2), tmp_path / "x", target="riscv")
+    with pytest.raises(KompaktError, match="TVM JSON target"):
+        export.tvm(tiny_cnn(), _images(2), tmp_path / "x", target={"mtriple": "x"})
+
+    class Erfcx(nn.Module):
+        def forward(self, x):
+            return torch.special.erfcx(x)
+
+    with pytest.raises(KompaktError, match="special_erfcx"):
+        export.tvm(Erfcx(), torch.randn(2, 3), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_refused_above_tolerance_writes_nothing(tmp_path):
+    with pytest.raises(KompaktError, match="above the tolerance"):
+        export.tvm(_coded_cnn(3), _images(2), tmp_path / "b", tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_checks_inputs(tmp_path):
+    export.tvm(tiny_cnn(), _images(2), tmp_path / "b")
+    session = runtime.load(tmp_path / "b")
+    with pytest.raises(KompaktError, match="dtype float64"):
+        session.run([np.zeros((2, 1, 28, 28))])
+    with pytest.raises(KompaktError, match=r"shape \[2, 28, 28\]"):
+        session.run([np.zeros((2, 28, 28), np.float32)])
+
+
+@pytest.mark.slow
+def test_tuning_writes_a_reusable_database(tmp_path):
+    report = export.tvm(
+        tiny_cnn(), _images(2), tmp_path / "tuned", tune=2, tune_dir=tmp_path / "db"
+    )
+    assert report["tuning_trials"] == 2 and report["validation"]["valid"]
+    assert report["inputs"][0]["shape"] == [2, 1, 28, 28]  # tuning compiles static shapes
+    records = (tmp_path / "db" / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) >= 1

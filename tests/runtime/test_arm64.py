@@ -1,0 +1,76 @@
+"""A TVM bundle cross-compiled for aarch64 runs under qemu and matches torch eager."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kompakt.errors import KompaktError
+from kompakt.runtime import arm64
+from kompakt.runtime.tensorfile import write_tensors
+
+TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+        )
+
+    def forward(self, x):
+        y = self.net(x)
+        return y, y.argmax(-1)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """(bundle dir, model): the model traced at batch 3 with a dynamic batch."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (torch.randn(3, 8),), dynamic_shapes=({0: batch},))
+    mod, params = relax.frontend.detach_params(from_exported_program(ep, keep_params_as_input=True))
+    path = tmp_path_factory.mktemp("bundle")
+    exe = tvm.compile(mod, tvm.target.Target(TARGET))
+    exe.export_library(
+        str(path / "model.so"), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++")
+    )
+    write_tensors(path / "params.ktns", {f"p{i}": p.numpy() for i, p in enumerate(params["main"])})
+    return path, model
+
+
+def test_bundle_matches_torch_under_qemu(bundle):
+    path, model = bundle
+    x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    outputs, timing = arm64.run_bundle(path, {"x": x}, repeat=3)
+    y, idx = model(torch.from_numpy(x))
+    assert list(outputs) == ["output_0", "output_1"]
+    assert outputs["output_0"].shape == (5, 4) and outputs["output_1"].dtype == np.int64
+    np.testing.assert_allclose(outputs["output_0"], y.detach().numpy(), atol=1e-4)
+    np.testing.assert_array_equal(outputs["output_1"], idx.numpy())
+    assert timing["runs"] == 3 and timing["median_ms"] > 0
+    assert arm64.build_runner() == arm64.build_runner()  # cached by source hash
+
+
+def test_wrong_inputs_give_clear_errors(bundle):
+    path, _ = bundle
+    x = np.zeros((2, 8), np.float32)
+    with pytest.raises(KompaktError, match=r"wrong number of inputs: 2 in .*the model takes 1"):
+        arm64.run_bundle(path, {"x": x, "y": x})
+    with pytest.raises(KompaktError, match="expect Tensor with dtype float32 but get float64"):
+        arm64.run_bundle(path, {"x": x.astype(np.float64)})
+    with pytest.raises(KompaktError, match="not a TVM bundle"):
+        arm64.run_bundle(path.parent, {"x": x})
+
+
+def test_missing_runtime_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("KOMPAKT_TVM_AARCH64", str(tmp_path))
+    with pytest.raises(KompaktError, match=r"no aarch64 TVM runtime.*make setup"):
+        arm64.build_runner()
