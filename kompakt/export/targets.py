@@ -94,7 +94,7 @@ register(
         {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
         cross_compiler="aarch64-linux-gnu-g++",
         runs_under_qemu=True,
-        link_note="run with the kompakt arm64 runner (kompakt/runtime/arm64) against the aarch64 "
+        link_note="run with the kompakt runner (kompakt/runtime/native/tvm_runner.cc) against the aarch64 "
         "libtvm_runtime.so and libtvm_ffi.so",
     )
 )

@@ -32,12 +32,18 @@ def is_language_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "lm_head")
 
 
-def as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def as_tuple(
+    example_inputs: torch.Tensor | Sequence[torch.Tensor], dynamic: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """The example inputs as a tuple; for a dynamic batch, a batch of 1 is repeated to 2 (a
+    batch-1 trace fixes the batch axis)."""
     inputs = (
         (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     )
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise KompaktError("example_inputs must be a tensor or a sequence of tensors")
+    if not dynamic:
+        return inputs
     return tuple(t if t.shape[0] >= 2 else t.repeat(2, *[1] * (t.dim() - 1)) for t in inputs)
 
 

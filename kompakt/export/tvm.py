@@ -350,11 +350,11 @@ def _runner(bundle: Path, target: Target, names: list[str]):
         session = TvmSession(bundle)
         return lambda arrays: list(session.run(dict(zip(names, arrays, strict=True))).values())
     if target.runs_under_qemu:
-        from kompakt.runtime import arm64
+        from kompakt.runtime import runner
 
-        if arm64.missing() is None:
+        if runner.missing() is None:
             return lambda arrays: list(
-                arm64.run_bundle(bundle, dict(zip(names, arrays, strict=True)))[0].values()
+                runner.run_bundle(bundle, dict(zip(names, arrays, strict=True)))[0].values()
             )
     return None
 
@@ -395,7 +395,7 @@ def export_tvm(
         dynamic = False
         tune_dir = Path(tune_dir) if tune_dir else out_dir.parent / f"{out_dir.name}-tuning"
         tune_dir.mkdir(parents=True, exist_ok=True)
-    inputs = as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs, dynamic)
     names = input_names(inputs)
     language_model = is_language_model(model)
     prepared, coded = _prepared(model)

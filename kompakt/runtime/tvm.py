@@ -54,7 +54,7 @@ class TvmSession:
         if triple and not triple.startswith(os.uname().machine):
             raise KompaktError(
                 f"{self.path}: built for {triple}; run it on that machine "
-                "(aarch64: kompakt.runtime.arm64.run_bundle runs it under qemu)"
+                "(aarch64: kompakt.runtime.runner.run_bundle runs it under qemu)"
             )
         if threads:
             os.environ["TVM_NUM_THREADS"] = str(threads)

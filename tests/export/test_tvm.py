@@ -15,7 +15,7 @@ from kompakt.compress.quantize.layers import CodebookLinear, CodedLayer
 from kompakt.errors import KompaktError
 from kompakt.export import tvm_kernels
 from kompakt.models.registry import build, register
-from kompakt.runtime import arm64
+from kompakt.runtime import runner
 from kompakt.runtime.tensorfile import read_tensors
 from tests.export.test_onnx import _boosted_cnn, _coded_cnn, _images, _pruned_cnn
 from tests.models import tiny_cnn, tiny_llama
@@ -145,13 +145,13 @@ def test_linear_kernel_never_builds_the_weight():
 
 
 def test_arm64_bundle_under_qemu_matches_torch(tmp_path):
-    reason = arm64.missing()
+    reason = runner.missing()
     assert reason is None, reason  # `make setup` installs the cross toolchain, qemu and runtime
     model = _coded_cnn(3)
     report = export.tvm(model, _images(2), tmp_path / "arm", target="aarch64-linux-gnu")
     assert report["validation"]["valid"], report["validation"]
     other = _images(5, seed=3)
-    outputs, timing = arm64.run_bundle(tmp_path / "arm", {"input": other.numpy()}, repeat=2)
+    outputs, timing = runner.run_bundle(tmp_path / "arm", {"input": other.numpy()}, repeat=2)
     (value,) = outputs.values()
     assert np.abs(value - _reference(model, other)).max() <= 1e-4
     assert timing["runs"] == 2 and timing["emulated"]
@@ -206,3 +206,27 @@ def test_tuning_writes_a_reusable_database(tmp_path):
     assert report["inputs"][0]["shape"] == [2, 1, 28, 28]  # tuning compiles static shapes
     records = (tmp_path / "db" / "database_tuning_record.json").read_text().splitlines()
     assert len(records) >= 1
+
+
+def test_bundle_runtime_imports_neither_torch_nor_compress_and_benches(tmp_path):
+    import subprocess
+    import sys
+
+    from kompakt.runtime.bench import bench
+
+    export.tvm(tiny_cnn(), _images(2), tmp_path / "b")
+    # as on a device without torch (tvm_ffi imports torch whenever it can, so block it)
+    code = (
+        "import sys, numpy as np\n"
+        "sys.modules['torch'] = None\n"
+        "from kompakt import runtime\n"
+        f"s = runtime.load({str(tmp_path / 'b')!r})\n"
+        "print(s.run({'input': np.zeros((1, 1, 28, 28), np.float32)})['output'].shape)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kompakt.compress')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-2:] == ["(1, 10)", "[]"]
+    result = bench(tmp_path / "b", [1, 3], repeats=3, warmup=1)
+    assert [r["batch"] for r in result["latency"]] == [1, 3]
+    files = ("model.so", "params.ktns")
+    assert result["model_bytes"] == sum((tmp_path / "b" / f).stat().st_size for f in files)

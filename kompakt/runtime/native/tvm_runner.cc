@@ -4,7 +4,8 @@
 //
 // Loads BUNDLE_DIR/model.so (a Relax executable), calls main(inputs..., params...) N times
 // (default 1), writes the outputs of the last call as output_0, output_1, ... to OUTPUTS.ktns
-// and prints {"median_ms": ..., "runs": N} on stdout. KTNS is described in docs/formats.md.
+// and prints {"median_ms": ..., "runs": N, "peak_rss_bytes": ...} on stdout (peak RSS: the
+// process's VmHWM; under qemu that of the emulator). KTNS is described in docs/formats.md.
 // Errors go to stderr with exit code 1 (2 for bad usage).
 
 #include <dlpack/dlpack.h>
@@ -180,6 +181,14 @@ ffi::Function GetFunction(const ffi::Module& mod, const std::string& name) {
   return *f;
 }
 
+long long PeakRssBytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;
+  return -1;
+}
+
 int Run(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   int repeat = 1;
@@ -234,7 +243,8 @@ int Run(int argc, char** argv) {
   std::sort(ms.begin(), ms.end());
   size_t mid = ms.size() / 2;
   double median = ms.size() % 2 ? ms[mid] : (ms[mid - 1] + ms[mid]) / 2;
-  std::printf("{\"median_ms\": %.6g, \"runs\": %d}\n", median, repeat);
+  std::printf("{\"median_ms\": %.6g, \"runs\": %d, \"peak_rss_bytes\": %lld}\n", median, repeat,
+              PeakRssBytes());
   return 0;
 }
 

@@ -1,13 +1,16 @@
-"""Run a TVM bundle on arm64: the aarch64 TVM runtime, the C++ runner, and qemu on x86 hosts.
+"""Run a TVM bundle with the C++ runner: on arm64 (qemu on x86 hosts), or natively on the host.
 
 A bundle (written by :mod:`kompakt.export.tvm`) holds ``model.so``, a Relax executable
 cross-compiled for aarch64, and ``params.ktns``, its parameters. ``run_bundle`` runs it with
 ``native/tvm_runner.cc`` (``kompakt-tvm-runner``), linked against ``libtvm_runtime.so`` and
 ``libtvm_ffi.so`` taken from the aarch64 wheels of the TVM versions installed here; on an x86
 host it runs under ``qemu-aarch64`` (Debian ``qemu-user``), so its timings are emulated.
+``arch="host"`` builds the same runner with the host's ``g++`` against the TVM runtime of the
+installed wheels: a process with the TVM runtime alone, whose peak memory and latency are
+those of the bundle rather than of Python and TVM's compiler (used by the benchmarks).
 
 The runtime lives in ``$KOMPAKT_TVM_AARCH64`` or ``<venv>/share/kompakt/tvm-aarch64``;
-``make setup`` fetches it with ``python -m kompakt.runtime.arm64 fetch``. Imports no torch.
+``make setup`` fetches it with ``python -m kompakt.runtime.runner fetch``. Imports no torch.
 """
 
 from __future__ import annotations
@@ -102,38 +105,50 @@ def _libs() -> Path:
     if found != _versions():
         what = f"the runtime of {found}" if found else "no aarch64 TVM runtime"
         raise KompaktError(
-            f"{lib}: {what}, this Python has {_versions()}; run `make setup` or `python -m kompakt.runtime.arm64 fetch`"
+            f"{lib}: {what}, this Python has {_versions()}; run `make setup` or `python -m kompakt.runtime.runner fetch`"
         )
     return lib
 
 
-def build_runner(out_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cross-compiled ``kompakt-tvm-runner``, rebuilt when its source or the TVM versions change."""
-    if shutil.which(CXX) is None:
-        raise KompaktError(f"{CXX} not found: {INSTALL_HINT}")
-    lib = _libs()
-    spec = importlib.util.find_spec("tvm_ffi")
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise KompaktError(
-            "apache-tvm-ffi is not installed (its C++ headers are needed): run `make setup`"
-        )
-    include = Path(spec.submodule_search_locations[0]) / "include"
+        raise KompaktError(f"{name} is not installed: run `make setup`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _toolchain(arch: str) -> tuple[str, list[Path], Path]:
+    """(C++ compiler, library folders to link and run against, folder for built runners)."""
+    if arch == "aarch64":
+        lib = _libs()
+        return CXX, [lib], lib / "bin"
+    if arch == "host":
+        libs = [_package_dir("tvm") / "lib", _package_dir("tvm_ffi") / "lib"]
+        return "g++", libs, Path(sys.prefix) / "share" / "kompakt" / "tvm-host-runner"
+    raise KompaktError(f"runner arch {arch!r}: use 'aarch64' or 'host'")
+
+
+def build_runner(out_dir: str | os.PathLike[str] | None = None, arch: str = "aarch64") -> Path:
+    """The compiled ``kompakt-tvm-runner`` for ``arch``, rebuilt when its source or the TVM
+    versions change."""
+    cxx, libs, default_dir = _toolchain(arch)
+    if shutil.which(cxx) is None:
+        raise KompaktError(f"{cxx} not found: {INSTALL_HINT}")
+    include = _package_dir("tvm_ffi") / "include"
     source = RUNNER_SOURCE.read_bytes()
     key = hashlib.sha256(source + json.dumps(_versions()).encode()).hexdigest()[:16]
-    out_dir = Path(out_dir) if out_dir else lib / "bin"
+    out_dir = Path(out_dir) if out_dir else default_dir
     binary = out_dir / f"kompakt-tvm-runner-{key}"
     if binary.is_file():
         return binary
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{binary.name}.{os.getpid()}.tmp"
-    cmd = [CXX, "-O2", "-std=c++17", f"-I{include}", str(RUNNER_SOURCE), "-o", str(tmp)]
-    cmd += [f"-L{lib}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi"]
+    cmd = [cxx, "-O2", "-std=c++17", f"-I{include}", str(RUNNER_SOURCE), "-o", str(tmp)]
+    cmd += [f"-L{lib}" for lib in libs] + ["-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise KompaktError(
-            f"{RUNNER_SOURCE}: cross-compiling the runner failed: {_tail(done.stderr)}"
-        )
+        raise KompaktError(f"{RUNNER_SOURCE}: compiling the runner failed: {_tail(done.stderr)}")
     os.replace(tmp, binary)
     for stale in out_dir.glob("kompakt-tvm-runner-*"):
         if stale != binary:
@@ -159,24 +174,29 @@ def run_bundle(
     inputs: Mapping[str, np.ndarray],
     repeat: int = 1,
     timeout: float | None = None,
+    arch: str = "aarch64",
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Run the bundle's ``main`` on ``inputs`` (in its input order), ``repeat`` times.
+    """Run the bundle's ``main`` on ``inputs`` (in its input order), ``repeat`` times, in a
+    fresh runner process for ``arch`` (``aarch64``: under qemu on other hosts; ``host``).
 
-    Returns the outputs of the last run (``output_0``, ``output_1``, ...) and the timing
-    ``{"median_ms", "runs", "emulated"}``; under qemu the times are not the device's.
+    Returns the outputs of the last run (named as in the bundle's manifest, else
+    ``output_0``, ...) and ``{"median_ms", "runs", "peak_rss_bytes", "emulated"}``; under
+    qemu the times are not the device's.
     """
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / "model.so").is_file():
         raise KompaktError(f"{bundle_dir}: not a TVM bundle (no model.so)")
-    runner, lib = build_runner(), _libs()
-    native = platform.machine() in ("aarch64", "arm64")
+    runner = build_runner(arch=arch)
+    _, libs, _ = _toolchain(arch)
+    path = os.pathsep.join(str(lib) for lib in libs)
+    native = arch == "host" or platform.machine() in ("aarch64", "arm64")
     if native:
-        cmd, env = [str(runner)], {**os.environ, "LD_LIBRARY_PATH": str(lib)}
+        cmd, env = [str(runner)], {**os.environ, "LD_LIBRARY_PATH": path}
     else:
         if shutil.which(QEMU) is None:
             raise KompaktError(f"{QEMU} not found: {INSTALL_HINT}")
-        cmd, env = [QEMU, "-L", SYSROOT, "-E", f"LD_LIBRARY_PATH={lib}", str(runner)], None
-    with tempfile.TemporaryDirectory(prefix="kompakt-arm64-") as tmp:
+        cmd, env = [QEMU, "-L", SYSROOT, "-E", f"LD_LIBRARY_PATH={path}", str(runner)], None
+    with tempfile.TemporaryDirectory(prefix="kompakt-runner-") as tmp:
         write_tensors(Path(tmp) / "inputs.ktns", inputs)
         cmd += [
             str(bundle_dir),
@@ -194,6 +214,11 @@ def run_bundle(
                 f"{bundle_dir}: the TVM runner failed (exit {done.returncode}): {_tail(done.stderr)}"
             )
         outputs = read_tensors(Path(tmp) / "outputs.ktns")
+    manifest = bundle_dir / "manifest.json"
+    if manifest.is_file():
+        names = [o["name"] for o in json.loads(manifest.read_text()).get("outputs", [])]
+        if len(names) == len(outputs):
+            outputs = dict(zip(names, outputs.values(), strict=True))
     timing = json.loads(done.stdout.strip().splitlines()[-1])
     return outputs, {**timing, "emulated": not native}
 
@@ -203,7 +228,7 @@ def _tail(text: str, lines: int = 5) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kompakt.runtime.arm64")
+    parser = argparse.ArgumentParser(prog="python -m kompakt.runtime.runner")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="download the aarch64 TVM runtime libraries")
     fetch.add_argument("--dest", help=f"folder (default: {runtime_dir()})")
