@@ -179,6 +179,10 @@ def _quantize(state: PipelineState, config: QuantizeStageConfig) -> None:
     )
 
 
+def check_plain_name(name: str) -> None:
+    check(bool(name) and "/" not in name, f"name must be a plain file name, got {name!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportOnnxConfig:
     """Export the current model to ``<out>/<name>.onnx``, run it in onnxruntime and print the
@@ -190,10 +194,7 @@ class ExportOnnxConfig:
     repeats: int = 20
 
     def __post_init__(self) -> None:
-        check(
-            bool(self.name) and "/" not in self.name,
-            f"name must be a plain file name, got {self.name!r}",
-        )
+        check_plain_name(self.name)
         check(self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}")
         object.__setattr__(self, "batches", tuple(self.batches))
 
@@ -232,10 +233,7 @@ class ExportTvmConfig:
     repeats: int = 20
 
     def __post_init__(self) -> None:
-        check(
-            bool(self.name) and "/" not in self.name,
-            f"name must be a plain file name, got {self.name!r}",
-        )
+        check_plain_name(self.name)
         check(self.images >= 1 and self.repeats >= 1, "images and repeats must be >= 1")
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "batches", tuple(self.batches))

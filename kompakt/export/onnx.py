@@ -33,7 +33,7 @@ from kompakt.export.tracing import (
     dynamic_shapes,
     input_names,
     is_language_model,
-    relative_error,
+    validate,
     validation_inputs,
 )
 from kompakt.runtime.ort import NO_FOLDING_KEY, create_session
@@ -83,27 +83,6 @@ def _check_codes_survived(proto, model: nn.Module) -> int:
                 "codes; the graph must decode the codes at run time"
             )
     return len(coded)
-
-
-def _validate(
-    wrapper: nn.Module, path: Path, cases, names: list[str], no_folding: bool, tolerance: float
-):
-    session = create_session(path, no_folding)
-    results = []
-    with torch.no_grad():
-        for case in cases:
-            ref = wrapper(*case)
-            ref = ref if isinstance(ref, tuple | list) else (ref,)
-            got = session.run(None, {n: t.numpy() for n, t in zip(names, case, strict=True)})
-            errors = relative_error(ref, [torch.from_numpy(g) for g in got])
-            results.append({"shapes": [list(t.shape) for t in case], **errors})
-    worst = max(r["max_rel_error"] for r in results)
-    return {
-        "cases": results,
-        "tolerance": tolerance,
-        "max_rel_error": worst,
-        "valid": worst <= tolerance,
-    }
 
 
 def _write_mobile(path: Path, no_folding: bool) -> tuple[Path, Path]:
@@ -174,8 +153,12 @@ def export_onnx(
             raise KompaktError(f"ONNX export of {type(model).__name__} failed: {first}") from e
         proto = onnx.load(str(tmp_path))
         coded = _check_codes_survived(proto, model)
-        validation = _validate(
-            wrapper, tmp_path, validation_inputs(inputs, dynamic), names, coded > 0, tolerance
+        session = create_session(tmp_path, coded > 0)
+        validation = validate(
+            lambda arrays: session.run(None, dict(zip(names, arrays, strict=True))),
+            wrapper,
+            validation_inputs(inputs, dynamic),
+            tolerance,
         )
         if not validation["valid"]:
             worst = max(validation["cases"], key=lambda c: c["max_rel_error"])

@@ -5,6 +5,7 @@ with a batch of at least 2, dynamic axes, the extra validation shapes, and the e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,3 +96,22 @@ def relative_error(reference: Sequence[torch.Tensor], got: Sequence[torch.Tensor
     abs_err = max(float((g - r).abs().max()) for g, r in zip(got, reference, strict=True))
     scale = max(max(float(r.abs().max()) for r in reference), 1.0)
     return {"max_abs_error": abs_err, "max_rel_error": abs_err / scale}
+
+
+def validate(run, wrapper: nn.Module, cases, tolerance: float) -> dict[str, Any]:
+    """Run each case through ``run`` (numpy arrays in, a list of output arrays out) and
+    torch; the errors of each case, the worst, and whether it is within ``tolerance``."""
+    results = []
+    with torch.no_grad():
+        for case in cases:
+            ref = wrapper(*case)
+            ref = ref if isinstance(ref, tuple | list) else (ref,)
+            got = [torch.from_numpy(g) for g in run([t.numpy() for t in case])]
+            results.append({"shapes": [list(t.shape) for t in case], **relative_error(ref, got)})
+    worst = max(r["max_rel_error"] for r in results)
+    return {
+        "cases": results,
+        "tolerance": tolerance,
+        "max_rel_error": worst,
+        "valid": worst <= tolerance,
+    }

@@ -55,7 +55,7 @@ from kompakt.export.tracing import (
     dynamic_shapes,
     input_names,
     is_language_model,
-    relative_error,
+    validate,
     validation_inputs,
 )
 
@@ -325,23 +325,6 @@ def _compile(mod, target: Target, tune: int, tune_dir: Path | None, label: str):
         ) from e
 
 
-def _validate(run, wrapper: nn.Module, cases, tolerance: float) -> dict[str, Any]:
-    results = []
-    with torch.no_grad():
-        for case in cases:
-            ref = wrapper(*case)
-            ref = ref if isinstance(ref, tuple | list) else (ref,)
-            got = [torch.from_numpy(g) for g in run([t.numpy() for t in case])]
-            results.append({"shapes": [list(t.shape) for t in case], **relative_error(ref, got)})
-    worst = max(r["max_rel_error"] for r in results)
-    return {
-        "cases": results,
-        "tolerance": tolerance,
-        "max_rel_error": worst,
-        "valid": worst <= tolerance,
-    }
-
-
 def _runner(bundle: Path, target: Target, names: list[str]):
     """Runs the bundle: in this process on the host, under qemu for aarch64; else None."""
     if target.runs_on_host:
@@ -446,7 +429,7 @@ def export_tvm(
         if run is None:
             manifest["validation"] = {"skipped": f"the host cannot run {spec.name} bundles"}
         else:
-            validation = _validate(run, wrapper, validation_inputs(inputs, dynamic), tolerance)
+            validation = validate(run, wrapper, validation_inputs(inputs, dynamic), tolerance)
             manifest["validation"] = validation
             if not validation["valid"]:
                 worst = max(validation["cases"], key=lambda c: c["max_rel_error"])

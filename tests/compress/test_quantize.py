@@ -283,6 +283,9 @@ def test_bad_configs_and_inputs_are_refused():
         quantize.quantize(tiny_llama(), quantize.JLCMConfig(), torch.randn(2, 8).long().float())
     with pytest.raises(KompaktError, match="no Linear, Conv2d or Embedding"):
         quantize.quantize(tiny_cnn(), quantize.JLCMConfig(skip=("*",)), _images())
+    coded = quantize.quantize(tiny_cnn(), quantize.QuantizeConfig(method="rtn"), _images())
+    with pytest.raises(KompaktError, match="already quantized"):
+        quantize.quantize(coded, quantize.QuantizeConfig(method="rtn"), _images())
     with pytest.raises(KompaktError, match="config.json"):
         quantize.quantize_checkpoint(
             "/nonexistent", quantize.JLCMConfig(), torch.zeros(1, 4).long()

@@ -47,6 +47,12 @@ def quantize(
     tuple or dict) or a list of batches.
     """
     model.eval()
+    coded = [n for n, m in model.named_modules() if isinstance(m, CodedLayer)]
+    if coded:
+        raise KompaktError(
+            f"{type(model).__name__} is already quantized ({len(coded)} Codebook layers, e.g. "
+            f"{coded[0]!r}); quantize the float model"
+        )
     decoder_lm = is_decoder_lm(model)
     if decoder_lm and not isinstance(calibration, torch.Tensor):
         raise KompaktError(
