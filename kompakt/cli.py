@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="TRIALS",
-        help="MetaSchedule tuning trials (static shapes; default 0: untuned, fast)",
+        help="MetaSchedule tuning trials per fused operator (static shapes; default 0: untuned, fast)",
     )
     p.add_argument(
         "--tune-dir", help="tuning database directory, reused across runs (default: OUT-tuning)"

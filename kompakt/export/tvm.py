@@ -115,19 +115,8 @@ def codebook_rows(
     has_offsets: bool,
 ) -> torch.Tensor:
     """The decoded rows ``index [n]`` of the coded weight: ``[n, cols]`` float32."""
-    w = _decode(
-        codes[index],
-        codebook,
-        group[index],
-        scales,
-        offsets,
-        bits,
-        cols,
-        block,
-        has_scales,
-        has_offsets,
-    )
-    return w
+    static = (bits, cols, block, has_scales, has_offsets)
+    return _decode(codes[index], codebook, group[index], scales, offsets, *static)
 
 
 @codebook_rows.register_fake
@@ -312,8 +301,12 @@ def _compile(mod, target: Target, tune: int, tune_dir: Path | None, label: str):
     tvm_target = tvm.target.Target(spec)
     try:
         if tune:
+            # ``tune`` trials for every task (fused op); the total only caps them
             pipeline = relax.pipeline.static_shape_tuning_pipeline(
-                total_trials=tune, target=tvm_target, work_dir=str(tune_dir)
+                total_trials=tune * 10_000,
+                target=tvm_target,
+                work_dir=str(tune_dir),
+                max_trials_per_task=tune,
             )
             with tvm_target:
                 mod = pipeline(mod)
@@ -356,7 +349,7 @@ def export_tvm(
 ) -> dict[str, Any]:
     """Compile ``model_or_artifact`` for ``target`` into the bundle ``out_dir``; returns the
     report (also the bundle's ``manifest.json``). ``tune`` > 0: MetaSchedule tuning with that
-    many trials, its database in ``tune_dir`` (reused across runs); tuning needs static shapes,
+    many trials per task (fused operator), its database in ``tune_dir`` (reused across runs); tuning needs static shapes,
     so it implies ``dynamic=False``."""
     import kompakt
     from kompakt.runtime.tensorfile import write_tensors

@@ -15,11 +15,14 @@ the layer has none), ``bias`` (fp32 ``[rows]``, zeros when none), then the outpu
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from tvm.script import tirx as T
 
 LANES = 8
 """Vector width of the dot products (fp32 lanes: two NEON or one AVX2 register)."""
+TILE = 8
+"""Weight rows decoded together by ``codebook_linear`` (``TILE * cols`` floats at a time)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,36 +43,57 @@ class CodedShape:
 
 
 def _decoder(s: CodedShape):
-    """A TIR macro ``decode_row(dst, codes, codebook, group, scales, offsets, row)``."""
+    """A TIR macro ``decode_row(dst, r, codes, codebook, group, scales, offsets, row)`` that
+    writes weight row ``row`` into ``dst[r, :]``.
+
+    The row's codebook is first converted to a float32 table; codes are then read a packing
+    chunk at a time (``8 / gcd(bits, 8)`` codes in ``bits * n / 8`` bytes, one 64-bit word),
+    with the chunk loops unrolled so every shift is a constant; scales and offsets apply per
+    block of columns."""
     mask = (1 << s.bits) - 1
-    straddles = 8 % s.bits != 0  # codes of 3, 5, 6, 7 bits may span two bytes
+    per_chunk = 8 // math.gcd(s.bits, 8)
+    chunk_bytes = s.bits * per_chunk // 8
+    chunks = s.row_bytes // chunk_bytes
+    affine = s.has_scales or s.has_offsets
 
     @T.macro
-    def decode_row(dst, codes, codebook, group, scales, offsets, row):
+    def decode_row(dst, r, codes, codebook, group, scales, offsets, row):
         g = group[row]
-        for k in range(s.cols):
-            bit = k * s.bits
-            byte = bit // 8
-            window = T.Cast("int32", codes[row, byte])
-            if straddles:
-                window = window + T.if_then_else(
-                    byte + 1 < s.row_bytes, T.Cast("int32", codes[row, byte + 1]) * 256, 0
+        table = T.alloc_buffer((s.entries,), "float32")
+        for e in range(s.entries):
+            table[e] = T.Cast("float32", codebook[T.min(g, s.codebooks - 1), e])
+        for c in range(chunks):
+            word = T.alloc_buffer((1,), "int64")
+            word[0] = T.int64(0)
+            for i in T.unroll(chunk_bytes):
+                word[0] = word[0] + T.shift_left(
+                    T.Cast("int64", codes[row, c * chunk_bytes + i]), T.int64(8 * i)
                 )
-            code = T.bitwise_and(T.shift_right(window, bit % 8), mask)
-            value = T.Cast("float32", codebook[T.min(g, s.codebooks - 1), code])
-            if s.has_scales:
-                value = value * T.Cast("float32", scales[g, k // s.block])
-            if s.has_offsets:
-                value = value + T.Cast("float32", offsets[g, k // s.block])
-            dst[k] = value
+            for j in T.unroll(per_chunk):
+                if c * per_chunk + j < s.cols:
+                    code = T.bitwise_and(T.shift_right(word[0], T.int64(j * s.bits)), mask)
+                    dst[r, c * per_chunk + j] = table[T.Cast("int32", code)]
+        if affine:
+            for b in range(s.blocks):
+                scale = T.float32(1)
+                if s.has_scales:
+                    scale = T.Cast("float32", scales[g, b])
+                offset = T.float32(0)
+                if s.has_offsets:
+                    offset = T.Cast("float32", offsets[g, b])
+                for j in range(s.block):
+                    if b * s.block + j < s.cols:
+                        k = b * s.block + j
+                        dst[r, k] = dst[r, k] * scale + offset
 
     return decode_row
 
 
 def codebook_linear(s: CodedShape):
-    """``y[n, rows] = x[n, cols] @ decode(codes).T + bias``, rows in parallel."""
+    """``y[n, rows] = x[n, cols] @ decode(codes).T + bias``, tiles of rows in parallel."""
     decode_row = _decoder(s)
     whole = s.cols // LANES * LANES
+    tiles = -(-s.rows // TILE)
 
     @T.prim_func(private=True)
     def kernel(
@@ -85,23 +109,28 @@ def codebook_linear(s: CodedShape):
         n = T.int64()
         x = T.match_buffer(var_x, (n, s.cols), "float32")
         y = T.match_buffer(var_y, (n, s.rows), "float32")
-        for o in T.parallel(s.rows):
-            w = T.alloc_buffer((s.cols,), "float32")
-            decode_row(w, codes, codebook, group, scales, offsets, o)
+        for t in T.parallel(tiles):
+            # a tile of decoded rows; each input row is read once per tile, from L1
+            w = T.alloc_buffer((TILE, s.cols), "float32")
+            for r in range(TILE):
+                if t * TILE + r < s.rows:
+                    decode_row(w, r, codes, codebook, group, scales, offsets, t * TILE + r)
             for i in range(n):
-                acc = T.alloc_buffer((LANES,), "float32")
-                for j in T.vectorized(LANES):
-                    acc[j] = T.float32(0)
-                for kk in range(whole // LANES):
-                    for j in T.vectorized(LANES):
-                        acc[j] = acc[j] + x[i, kk * LANES + j] * w[kk * LANES + j]
-                total = T.alloc_buffer((1,), "float32")
-                total[0] = bias[o]
-                for j in range(LANES):
-                    total[0] = total[0] + acc[j]
-                for k in range(whole, s.cols):
-                    total[0] = total[0] + x[i, k] * w[k]
-                y[i, o] = total[0]
+                for r in range(TILE):
+                    if t * TILE + r < s.rows:
+                        acc = T.alloc_buffer((LANES,), "float32")
+                        for j in T.vectorized(LANES):
+                            acc[j] = T.float32(0)
+                        for kk in range(whole // LANES):
+                            for j in T.vectorized(LANES):
+                                acc[j] = acc[j] + x[i, kk * LANES + j] * w[r, kk * LANES + j]
+                        total = T.alloc_buffer((1,), "float32")
+                        total[0] = bias[t * TILE + r]
+                        for j in range(LANES):
+                            total[0] = total[0] + acc[j]
+                        for k in range(whole, s.cols):
+                            total[0] = total[0] + x[i, k] * w[r, k]
+                        y[i, t * TILE + r] = total[0]
 
     return kernel
 
@@ -124,9 +153,9 @@ def codebook_rows(s: CodedShape):
         index = T.match_buffer(var_index, (n,), "int64")
         out = T.match_buffer(var_out, (n, s.cols), "float32")
         for i in T.parallel(n):
-            row = T.alloc_buffer((s.cols,), "float32")
-            decode_row(row, codes, codebook, group, scales, offsets, index[i])
+            row = T.alloc_buffer((1, s.cols), "float32")
+            decode_row(row, 0, codes, codebook, group, scales, offsets, index[i])
             for k in range(s.cols):
-                out[i, k] = row[k]
+                out[i, k] = row[0, k]
 
     return kernel
