@@ -168,15 +168,16 @@ def measure(label, model, example, work: Path, args, tune: bool, artifact: str |
         rows.append(
             {
                 **base,
-                "runtime": f"TVM tuned ({args.tune} trials)",
+                "runtime": f"TVM tuned ({args.tune} trials per task)",
                 "latency_ms": latency,
                 "peak_rss_mb": peak / 1e6,
                 "compile_and_tune_s": seconds,
             }
         )
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    return rows
+    with args.out.open("a") as f:  # each model's rows as soon as they are measured
+        for row in rows:
+            print(json.dumps(row), flush=True)
+            f.write(json.dumps({**args.meta, **row}) + "\n")
 
 
 def floors(work: Path, repeats: int) -> dict:
@@ -219,7 +220,7 @@ def main() -> None:
     parser.add_argument(
         "--llm", type=Path, help="a JLCM SmolLM2 artifact of benchmarks/quantize_llm.py"
     )
-    parser.add_argument("--tune", type=int, default=0, help="MetaSchedule trials per tuned bundle")
+    parser.add_argument("--tune", type=int, default=0, help="MetaSchedule trials per task")
     parser.add_argument(
         "--tune-models", default="pruned", help="comma-separated substrings of the models to tune"
     )
@@ -238,28 +239,23 @@ def main() -> None:
         **floors(args.work / "floor", args.repeats),
     }
     print(json.dumps(meta), flush=True)
+    args.meta = meta
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     wanted = [s for s in args.tune_models.split(",") if s]
-    rows = []
     for artifact in (args.cnn or "").split(","):
         if artifact:
             label = f"CNN {Path(artifact).name}"
             model = kompakt.load(artifact).eval()
             example = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
             tune = any(w in label for w in wanted)
-            rows += measure(
-                label, model, example, args.work / Path(artifact).name, args, tune, artifact
-            )
+            measure(label, model, example, args.work / Path(artifact).name, args, tune, artifact)
     if args.llm:
         example = torch.randn(2, 16, 576, generator=torch.Generator().manual_seed(0))
         for label, block in smollm2_blocks(args.llm).items():
             tune = any(w in label for w in wanted)
-            rows += measure(
+            measure(
                 label, block, example, args.work / label.split()[-1].strip("()"), args, tune, None
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps({**meta, **row}) + "\n")
 
 
 if __name__ == "__main__":

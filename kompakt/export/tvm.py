@@ -291,9 +291,36 @@ def _to_relax(prepared: nn.Module, inputs, dynamic: bool, label: str):
     return mod, kept
 
 
+def _tuned(mod, target, trials: int, tune_dir: Path):
+    """MetaSchedule tuning, ``trials`` per task (fused operator), records in ``tune_dir``:
+    the steps of ``relax.pipeline.static_shape_tuning_pipeline``, with kompakt's builder."""
+    from tvm import relax, transform
+    from tvm.s_tir import meta_schedule as ms
+
+    from kompakt.export.targets import tuning_build
+
+    with target:
+        mod = transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.pipeline.zero_pipeline(),
+            ]
+        )(mod)
+        ms.relax_integration.tune_relax(
+            mod,
+            params={},
+            target=target,
+            work_dir=str(tune_dir),
+            max_trials_global=trials * 10_000,  # only a cap: ``trials`` for every task
+            max_trials_per_task=trials,
+            builder=ms.builder.LocalBuilder(f_build=tuning_build),
+        )
+        return relax.transform.MetaScheduleApplyDatabase(str(tune_dir))(mod)
+
+
 def _compile(mod, target: Target, tune: int, tune_dir: Path | None, label: str):
     import tvm
-    from tvm import relax
 
     spec = dict(target.tvm)
     if tune:  # MetaSchedule sizes its search by the core count, which the target must state
@@ -301,15 +328,7 @@ def _compile(mod, target: Target, tune: int, tune_dir: Path | None, label: str):
     tvm_target = tvm.target.Target(spec)
     try:
         if tune:
-            # ``tune`` trials for every task (fused op); the total only caps them
-            pipeline = relax.pipeline.static_shape_tuning_pipeline(
-                total_trials=tune * 10_000,
-                target=tvm_target,
-                work_dir=str(tune_dir),
-                max_trials_per_task=tune,
-            )
-            with tvm_target:
-                mod = pipeline(mod)
+            mod = _tuned(mod, tvm_target, tune, tune_dir)
         return tvm.compile(mod, target=tvm_target)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
