@@ -338,20 +338,25 @@ def _compile(mod, target: Target, tune: int, tune_dir: Path | None, label: str):
 
 
 def _runner(bundle: Path, target: Target, names: list[str]):
-    """Runs the bundle: in this process on the host, under qemu for aarch64; else None."""
+    """``(run, None)``: runs the bundle, in this process on the host or under qemu for
+    aarch64; or ``(None, why not)``."""
     if target.runs_on_host:
         from kompakt.runtime.tvm import TvmSession
 
         session = TvmSession(bundle)
-        return lambda arrays: list(session.run(dict(zip(names, arrays, strict=True))).values())
+        return lambda arrays: list(
+            session.run(dict(zip(names, arrays, strict=True))).values()
+        ), None
     if target.runs_under_qemu:
         from kompakt.runtime import runner
 
-        if runner.missing() is None:
+        missing = runner.missing()
+        if missing is None:
             return lambda arrays: list(
                 runner.run_bundle(bundle, dict(zip(names, arrays, strict=True)))[0].values()
-            )
-    return None
+            ), None
+        return None, missing
+    return None, f"the host cannot run {target.name} bundles"
 
 
 def export_tvm(
@@ -368,8 +373,8 @@ def export_tvm(
 ) -> dict[str, Any]:
     """Compile ``model_or_artifact`` for ``target`` into the bundle ``out_dir``; returns the
     report (also the bundle's ``manifest.json``). ``tune`` > 0: MetaSchedule tuning with that
-    many trials per task (fused operator), its database in ``tune_dir`` (reused across runs); tuning needs static shapes,
-    so it implies ``dynamic=False``."""
+    many trials per task (fused operator), its database in ``tune_dir`` (reused across runs);
+    tuning needs static shapes, so it implies ``dynamic=False``."""
     import kompakt
     from kompakt.runtime.tensorfile import write_tensors
 
@@ -437,9 +442,9 @@ def export_tvm(
             "compile_seconds": round(compile_seconds, 2),
         }
         (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        run = _runner(bundle, spec, names)
+        run, why_not = _runner(bundle, spec, names)
         if run is None:
-            manifest["validation"] = {"skipped": f"the host cannot run {spec.name} bundles"}
+            manifest["validation"] = {"skipped": why_not}
         else:
             validation = validate(run, wrapper, validation_inputs(inputs, dynamic), tolerance)
             manifest["validation"] = validation
