@@ -58,10 +58,7 @@ from kompakt.export.tracing import (
     validate,
     validation_inputs,
 )
-
-MANIFEST = "manifest.json"
-PARAMS = "params.ktns"
-BUNDLE_FORMAT = "kompakt-tvm-bundle"
+from kompakt.runtime.tvm import BUNDLE_FORMAT, MANIFEST, PARAMS
 
 
 def _decode(codes, codebook, group, scales, offsets, bits, cols, block, has_scales, has_offsets):

@@ -19,10 +19,12 @@ from kompakt.runtime.specs import TensorSpec, checked_inputs
 from kompakt.runtime.tensorfile import read_tensors
 
 BUNDLE_FORMAT = "kompakt-tvm-bundle"
+MANIFEST = "manifest.json"
+PARAMS = "params.ktns"
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
-    path = bundle / "manifest.json"
+    path = bundle / MANIFEST
     if not path.is_file():
         raise KompaktError(f"{bundle}: not a TVM bundle (no manifest.json)")
     try:
@@ -62,8 +64,7 @@ class TvmSession:
         self._device = tvm.cpu()
         self._vm = relax.VirtualMachine(library, self._device)
         self._params = [
-            tvm.runtime.tensor(a, self._device)
-            for a in read_tensors(self.path / "params.ktns").values()
+            tvm.runtime.tensor(a, self._device) for a in read_tensors(self.path / PARAMS).values()
         ]
         self.inputs = [
             TensorSpec(i["name"], np.dtype(i["dtype"]), tuple(i["shape"]))
