@@ -206,10 +206,11 @@ def _kernel(kind: str, shape):
     return (tvm_kernels.codebook_linear if kind == "linear" else tvm_kernels.codebook_rows)(shape)
 
 
-def _coded_shape(node, first: int):
+def _coded_shape(node):
     from kompakt.export.tvm_kernels import CodedShape
 
-    codes, codebook, _, scales = (node.args[first + i].meta["val"] for i in range(4))
+    # both ops: (input, codes, codebook, group, scales, ...)
+    codes, codebook, _, scales = (a.meta["val"] for a in node.args[1:5])
     bits, cols, block, has_scales, has_offsets = node.args[-5:]
     return CodedShape(
         rows=int(codes.shape[0]),
@@ -230,7 +231,7 @@ def _lower(kind: str, tensors: int):
     def convert(node, importer):
         from tvm import relax
 
-        shape = _coded_shape(node, 1)
+        shape = _coded_shape(node)
         args = [importer.env[a] for a in node.args[:tensors]]
         n = args[0].ty.shape[0]
         out = (n, shape.rows) if kind == "linear" else (n, shape.cols)
