@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from kompakt.compress.quantize import QuantizeConfig
 from kompakt.runtime.bench import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,12 +75,12 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch: int = 2) -> flo
     return math.exp(total / count)
 
 
-def one_run(work: Path, method: str, bits: float, block: int, steps: int) -> dict:
+def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     import kompakt
-    from kompakt.compress.quantize import QuantizeConfig, decoded_weights, quantize_checkpoint
+    from kompakt.compress.quantize import decoded_weights, quantize_checkpoint
 
     windows = load_file(str(work / "windows.safetensors"))
     ckpt = work / "checkpoint"
@@ -89,7 +90,14 @@ def one_run(work: Path, method: str, bits: float, block: int, steps: int) -> dic
         size = (ckpt / "model.safetensors").stat().st_size
         metrics = {"bits_per_weight": 32.0}
     else:
-        config = QuantizeConfig(method=method, bits=bits, block=block, steps=steps)
+        config = QuantizeConfig(
+            method=method,
+            bits=bits,
+            block=args.block,
+            steps=args.steps,
+            block_epochs=args.block_epochs,
+            block_lr=args.block_lr,
+        )
         model = quantize_checkpoint(ckpt, config, windows["valid"], progress=False)
         metrics = kompakt.artifact.record_of(model).steps[-1]["metrics"]
         out = work / "artifacts" / f"{method}-{bits}"
@@ -123,6 +131,10 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=16, help="valid windows for calibration")
     parser.add_argument("--block", type=int, default=128, help="rtn/gptq columns per scale")
     parser.add_argument("--steps", type=int, default=60, help="jlcm steps per layer")
+    parser.add_argument(
+        "--block-epochs", type=int, default=QuantizeConfig.block_epochs, help="jlcm block phase"
+    )
+    parser.add_argument("--block-lr", type=float, default=QuantizeConfig.block_lr)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "quantize_llm")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -130,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
-        row = one_run(args.work, args.one[0], float(args.one[1]), args.block, args.steps)
+        row = one_run(args.work, args.one[0], float(args.one[1]), args)
         print("ROW " + json.dumps(row))
         return
     args.work.mkdir(parents=True, exist_ok=True)
@@ -141,6 +153,8 @@ def main() -> None:
         "command": "benchmarks/quantize_llm.py " + " ".join(sys.argv[1:]),
         "block": args.block,
         "jlcm_steps": args.steps,
+        "jlcm_block_epochs": args.block_epochs,
+        "jlcm_block_lr": args.block_lr,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for run in args.runs.split(","):
@@ -151,6 +165,10 @@ def main() -> None:
             str(args.block),
             "--steps",
             str(args.steps),
+            "--block-epochs",
+            str(args.block_epochs),
+            "--block-lr",
+            str(args.block_lr),
             "--threads",
             str(args.threads),
         ]

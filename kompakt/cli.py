@@ -92,7 +92,17 @@ def _compress_quantize(args: argparse.Namespace) -> int:
     from kompakt.compress import quantize
     from kompakt.config import from_mapping
 
-    names = ("method", "bits", "codebook", "rows_per_group", "block", "steps", "skip")
+    names = (
+        "method",
+        "bits",
+        "codebook",
+        "rows_per_group",
+        "block",
+        "steps",
+        "block_epochs",
+        "block_lr",
+        "skip",
+    )
     fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     config = from_mapping(quantize.QuantizeConfig, fields, "kompakt compress quantize")
     _refuse_existing_out(args)
@@ -364,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-group", type=int, help="jlcm/kmeans neurons per group (default: 8)")
     p.add_argument("--block", type=int, help="rtn/gptq columns per scale (default: 128)")
     p.add_argument("--steps", type=int, help="jlcm joint-learning steps per layer (default: 100)")
+    p.add_argument(
+        "--block-epochs",
+        type=int,
+        help="jlcm, language models: epochs of the block phase (codebooks learned on each "
+        "block's output and the head's logits; default: 4; 0 skips it)",
+    )
+    p.add_argument("--block-lr", type=float, help="jlcm block phase learning rate (default: 0.001)")
     p.add_argument("--skip", nargs="+", help="module names or patterns to keep dense")
     p.add_argument(
         "--calib",

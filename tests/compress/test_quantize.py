@@ -226,6 +226,41 @@ def test_jlcm_llama_logits_closer_to_fp_than_kmeans():
     assert jlcm > kmeans
 
 
+def test_jlcm_block_phase_lowers_each_blocks_error_the_heads_kl_and_the_models_kl():
+    def model():
+        # weights 5x the init scale, so that the logits are peaked like a trained model's
+        m = tiny_llama()
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() == 2:
+                    p.mul_(5)
+        return m
+
+    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.log_softmax(model()(ids).logits, -1)
+
+    def run(epochs):
+        m = model()
+        config = quantize.JLCMConfig(bits=2, steps=10, block_epochs=epochs)
+        reports = decoder.quantize_decoder(m, config, ids, progress=False)
+        with torch.no_grad():
+            out = torch.log_softmax(m(ids).logits, -1)
+        return float((ref.exp() * (ref - out)).sum(-1).mean()), reports
+
+    plain, _ = run(0)
+    tuned, reports = run(4)
+    blocks = {
+        name.split(".")[2]: (r["block_error_before"], r["block_error_after"])
+        for name, r in reports.items()
+        if "block_error_before" in r
+    }
+    assert len(blocks) == 2
+    assert all(after < 0.95 * before for before, after in blocks.values())
+    assert reports["lm_head"]["kl_after"] < reports["lm_head"]["kl_before"]
+    assert tuned < 0.97 * plain
+
+
 # --- streaming and resume -------------------------------------------------------------------
 
 

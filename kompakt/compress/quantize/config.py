@@ -34,6 +34,9 @@ class QuantizeConfig:
     neurons) or ``tensor`` (one codebook per layer). rows_per_group: neurons per group on average.
     block: rtn / gptq: input columns sharing one scale and offset.
     steps: jlcm joint-learning steps per layer. kmeans_iters: k-means iterations.
+    block_epochs, block_lr: jlcm on a decoder language model: epochs and Adam learning rate of
+    the block phase (:mod:`.block_tuning`), which learns each block's codebooks together on
+    its output and the LM head's on its logits; 0 epochs skips it.
     damp: gptq / jlcm damping of the input moments H (fraction of their mean diagonal).
     skip: module names or fnmatch patterns kept dense (e.g. ``"*.lm_head"``).
     """
@@ -44,6 +47,8 @@ class QuantizeConfig:
     rows_per_group: int = 8
     block: int = 128
     steps: int = 100
+    block_epochs: int = 4
+    block_lr: float = 1e-3
     kmeans_iters: int = 25
     damp: float = 0.01
     skip: tuple[str, ...] = ()
@@ -62,6 +67,10 @@ class QuantizeConfig:
         check(self.block >= 1, f"block must be >= 1, got {self.block}")
         check(
             self.steps >= 0 and self.kmeans_iters >= 1, "steps must be >= 0 and kmeans_iters >= 1"
+        )
+        check(
+            self.block_epochs >= 0 and self.block_lr > 0,
+            f"block_epochs must be >= 0 and block_lr > 0, got {self.block_epochs}, {self.block_lr}",
         )
         object.__setattr__(self, "skip", tuple(self.skip))
 

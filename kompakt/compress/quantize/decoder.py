@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kompakt import artifact
+from kompakt.compress.quantize.block_tuning import logits_kl, relative_mse, tune_codebooks
 from kompakt.compress.quantize.calibration import InputMoments, record_inputs
 from kompakt.compress.quantize.config import BitBudget, QuantizeConfig, quantizable, quantize_weight
 from kompakt.compress.quantize.layers import (
@@ -46,6 +47,7 @@ from kompakt.errors import KompaktError
 
 PROGRESS_FILE = "progress.json"
 BATCH = 4  # calibration windows per block forward
+TUNING_BATCH = 2  # calibration windows per step of the block phase
 
 
 def is_decoder_lm(model: nn.Module) -> bool:
@@ -59,17 +61,22 @@ def _causal_mask(seq: int) -> torch.Tensor:
     return torch.full((seq, seq), float("-inf")).triu(1)[None, None]
 
 
+def _block_forward(
+    block: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    return block(hidden, attention_mask=_causal_mask(hidden.shape[1]), position_embeddings=rope)
+
+
 def _run_block(
     block: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    mask = _causal_mask(hidden.shape[1])
-    out = []
     with torch.no_grad():
-        for start in range(0, hidden.shape[0], BATCH):
-            part = hidden[start : start + BATCH]
-            cos, sin = rope
-            out.append(block(part, attention_mask=mask, position_embeddings=(cos, sin)))
-    return torch.cat(out)
+        return torch.cat(
+            [
+                _block_forward(block, hidden[start : start + BATCH], rope)
+                for start in range(0, hidden.shape[0], BATCH)
+            ]
+        )
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -101,13 +108,15 @@ class _Progress:
         return state
 
     def save(
-        self, block: int, module: nn.Module, hidden: torch.Tensor, state: dict[str, Any]
+        self,
+        block: int,
+        module: nn.Module,
+        hidden: dict[str, torch.Tensor],
+        state: dict[str, Any],
     ) -> None:
         tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
         _write_atomic(self.dir / f"block_{block:04d}.safetensors", lambda p: save_file(tensors, p))
-        _write_atomic(
-            self.dir / f"hidden_{block:04d}.safetensors", lambda p: save_file({"hidden": hidden}, p)
-        )
+        _write_atomic(self.dir / f"hidden_{block:04d}.safetensors", lambda p: save_file(hidden, p))
         payload = json.dumps(
             {**state, "fingerprint": self.fingerprint, "blocks_done": block + 1}, indent=1
         )
@@ -120,8 +129,8 @@ class _Progress:
             load_file(str(self.dir / f"block_{block:04d}.safetensors")), assign=True
         )
 
-    def hidden(self, block: int) -> torch.Tensor:
-        return load_file(str(self.dir / f"hidden_{block:04d}.safetensors"))["hidden"]
+    def hidden(self, block: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.dir / f"hidden_{block:04d}.safetensors"))
 
 
 def quantize_decoder(
@@ -150,6 +159,9 @@ def quantize_decoder(
     with torch.no_grad():
         hidden = base.embed_tokens(calibration).float()
         rope = base.rotary_emb(hidden[:1], torch.arange(seq)[None])
+    # JLCM's block phase matches each quantized block to the fp model's: both streams are kept
+    tuning = config.method == "jlcm" and config.block_epochs > 0
+    streams = {"hidden": hidden, "fp_hidden": hidden} if tuning else {"hidden": hidden}
     budget = BitBudget(config.bits)
     head = not config.skips("lm_head")
     tied = model.lm_head.weight is base.embed_tokens.weight
@@ -181,7 +193,7 @@ def quantize_decoder(
         for i in range(start):
             saved.restore_block(i, base.layers[i])
         record.plan.extend(done)
-        hidden = saved.hidden(start - 1)
+        streams = saved.hidden(start - 1)
 
     n_blocks = len(base.layers)
     bar = tqdm(
@@ -193,6 +205,9 @@ def quantize_decoder(
             load_block(i, block)
         prefix = f"model.layers.{i}."
         layers = quantizable(block, config, prefix)
+        hidden = streams["hidden"]
+        if tuning:
+            streams["fp_hidden"] = _run_block(block, streams["fp_hidden"], rope)
         with record_inputs(layers) as moments:
             _run_block(block, hidden, rope)
         hs = {n: moments[n].hessian() for n in layers}
@@ -212,21 +227,52 @@ def quantize_decoder(
                 "bits": widths[name],
                 "seconds": time.perf_counter() - t0,
             }
-        hidden = _run_block(block, hidden, rope)
+        if tuning:
+            result = tune_codebooks(
+                [block.get_submodule(name) for name in layers],
+                lambda x, block=block: _block_forward(block, x, rope),
+                hidden,
+                relative_mse(streams["fp_hidden"]),
+                config.block_epochs,
+                config.block_lr,
+                TUNING_BATCH,
+            )
+            for name in layers:
+                reports[prefix + name].update(
+                    block_error_before=result["before"], block_error_after=result["after"]
+                )
+        streams["hidden"] = _run_block(block, hidden, rope)
         record.plan.extend(entries)
         done.extend(entries)
         if saved:
-            saved.save(i, block, hidden, {"carry": budget.carry, "reports": reports, "plan": done})
+            saved.save(i, block, streams, {"carry": budget.carry, "reports": reports, "plan": done})
 
     if head:
         # lm_head's input moments straight from the final hidden states (its logits are not needed)
         moments = InputMoments(model.lm_head)
         with torch.no_grad():
-            moments.add(base.norm(hidden))
+            moments.add(base.norm(streams["hidden"]))
         h_head = moments.hessian()
         t0 = time.perf_counter()
-        coded, info = quantize_weight(weight_matrix(model.lm_head), h_head, head_width, config)
+        fp_weight = weight_matrix(model.lm_head)
+        coded, info = quantize_weight(fp_weight, h_head, head_width, config)
         lm_head = coded_layer_for(model.lm_head, coded, config.method)
+        if tuning:
+            with torch.no_grad():
+                features, fp_features = (
+                    base.norm(streams["hidden"]),
+                    base.norm(streams["fp_hidden"]),
+                )
+            result = tune_codebooks(
+                [lm_head],
+                lm_head,
+                features,
+                logits_kl(fp_features, fp_weight),
+                config.block_epochs,
+                config.block_lr,
+                1,
+            )
+            info.update(kl_before=result["before"], kl_after=result["after"])
         model.lm_head = lm_head
         record.plan.append(lm_head.plan_entry("lm_head"))
         reports["lm_head"] = {**info, "bits": head_width, "seconds": time.perf_counter() - t0}

@@ -461,10 +461,16 @@ def summarize(
     weights = sum(m.layout.rows * m.layout.cols for m in unique)
     stored = sum(m.weight_bits() for m in unique)
     errors = [r["error"] for r in reports.values()]
-    return {
+    metrics = {
         "coded_layers": len(reports),
         "bits_per_weight": stored / weights if weights else 0.0,
         "coded_weight_bytes": stored // 8,
         "mean_layer_error": sum(errors) / len(errors) if errors else 0.0,
         "seconds": round(seconds, 2),
     }
+    # JLCM's block phase: each block's relative output error before and after it
+    blocks = [r for r in reports.values() if "block_error_before" in r]
+    for key in ("block_error_before", "block_error_after"):
+        if blocks:
+            metrics["mean_" + key] = sum(r[key] for r in blocks) / len(blocks)
+    return metrics
