@@ -28,8 +28,10 @@ jointly over the codebooks ``C`` (one per group of similarly distributed neurons
 
 The rows' group ids cost ``ceil(log2(groups))`` bits per row, counted in the size.
 Deviation from the paper: it learns codebooks and mappings with gradient-based PTQ over
-calibration batches; here the same per-layer objective is written through ``H`` so each step
-costs one ``[rows, cols] x [cols, cols]`` product, independent of the calibration size.
+calibration batches; here the per-layer objective is written through ``H`` so each step
+costs one ``[rows, cols] x [cols, cols]`` product, independent of the calibration size. In a
+decoder language model the block phase (:mod:`.block_tuning`) then learns each block's
+codebooks by gradient descent on calibration batches of the block's output.
 """
 
 from __future__ import annotations
