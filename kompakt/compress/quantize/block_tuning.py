@@ -10,7 +10,9 @@ are differentiable in the codebook values, so Adam moves each codeword by the gr
 where ``x_q`` are the hidden states of the quantized model so far and ``x_fp`` those of the
 fp model: a block also learns to undo the error of the blocks before it. The codebooks are
 rounded to fp16 (their stored precision) and kept only if the block's error over all
-calibration windows went down, so the phase never makes a block worse.
+calibration windows went down, so the phase never makes a block worse. The LM head's
+codebooks are learned the same way on the KL divergence of its next-token distribution to the
+fp head's (:func:`logits_kl`).
 """
 
 from __future__ import annotations
