@@ -111,12 +111,12 @@ class _Progress:
         self,
         block: int,
         module: nn.Module,
-        hidden: dict[str, torch.Tensor],
+        streams: dict[str, torch.Tensor],
         state: dict[str, Any],
     ) -> None:
         tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
         _write_atomic(self.dir / f"block_{block:04d}.safetensors", lambda p: save_file(tensors, p))
-        _write_atomic(self.dir / f"hidden_{block:04d}.safetensors", lambda p: save_file(hidden, p))
+        _write_atomic(self.dir / f"hidden_{block:04d}.safetensors", lambda p: save_file(streams, p))
         payload = json.dumps(
             {**state, "fingerprint": self.fingerprint, "blocks_done": block + 1}, indent=1
         )
@@ -129,7 +129,7 @@ class _Progress:
             load_file(str(self.dir / f"block_{block:04d}.safetensors")), assign=True
         )
 
-    def hidden(self, block: int) -> dict[str, torch.Tensor]:
+    def streams(self, block: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.dir / f"hidden_{block:04d}.safetensors"))
 
 
@@ -193,7 +193,7 @@ def quantize_decoder(
         for i in range(start):
             saved.restore_block(i, base.layers[i])
         record.plan.extend(done)
-        streams = saved.hidden(start - 1)
+        streams = saved.streams(start - 1)
 
     n_blocks = len(base.layers)
     bar = tqdm(
@@ -251,7 +251,8 @@ def quantize_decoder(
         # lm_head's input moments straight from the final hidden states (its logits are not needed)
         moments = InputMoments(model.lm_head)
         with torch.no_grad():
-            moments.add(base.norm(streams["hidden"]))
+            features = base.norm(streams["hidden"])
+        moments.add(features)
         h_head = moments.hessian()
         t0 = time.perf_counter()
         fp_weight = weight_matrix(model.lm_head)
@@ -259,10 +260,7 @@ def quantize_decoder(
         lm_head = coded_layer_for(model.lm_head, coded, config.method)
         if tuning:
             with torch.no_grad():
-                features, fp_features = (
-                    base.norm(streams["hidden"]),
-                    base.norm(streams["fp_hidden"]),
-                )
+                fp_features = base.norm(streams["fp_hidden"])
             result = tune_codebooks(
                 [lm_head],
                 lm_head,
