@@ -7,7 +7,8 @@ the fp32 ONNX export of the same model: ``quantize_dynamic`` (int8 weights, QOpe
 ``MatMulNBitsQuantizer`` (4-bit blocks of 32, MatMul weights only), both on the export
 after onnxruntime's basic optimizations (which fold the weight transposes into constants). The runtime floor is the
 peak RSS of the same process running a one-node Identity model. Target (JLCM): peak RSS at
-most 1.3 x (model bytes + floor).
+most 1.3 x (model bytes + floor). SmolLM2 is measured at batch 1 and 4 of 128 tokens, and
+apart at batch 1 of 16 tokens (peak RSS with small activations).
 
     .venv/bin/python benchmarks/export_onnx.py --cnn out/demo/dense,out/demo/pruned
     .venv/bin/python benchmarks/export_onnx.py --llm out/bench/quantize_llm/artifacts/jlcm-3.0
@@ -165,7 +166,15 @@ def main() -> None:
         )
         paths.update(ort_baselines(paths["fp32"]))
         for label, path in paths.items():
-            rows.append(row(label, path, [1, 4], 128, floor, task="smollm2"))
+            # also one short sequence alone: the weights' share of the peak, with activations
+            # (the logits of 4 x 128 tokens alone are 100 MB) out of the way
+            short = bench(path, [1], seq=16, repeats=5)["peak_rss_bytes"]
+            size = path.stat().st_size
+            extra = {
+                "peak_rss_mb_b1_seq16": round(short / 1e6, 1),
+                "rss_over_bytes_plus_floor_b1_seq16": round(short / (size + floor), 3),
+            }
+            rows.append(row(label, path, [1, 4], 128, floor, task="smollm2", **extra))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         for r in rows:

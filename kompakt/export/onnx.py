@@ -3,10 +3,11 @@
 - The graph is traced with a batch of at least 2 (a batch-1 example is repeated), with a
   dynamic batch axis and, for token-id inputs ``[batch, seq]``, a dynamic sequence axis.
 - Compression survives: pruned models export at their size; Codebook layers export their
-  bit-packed uint8 codes, fp16 codebooks and scales, decoded inside the graph with standard
-  ops (Mul, ReduceSum, Div, Mod, Gather). The exporter's optimizer is off (it would fold small
-  decodes into dense initializers), and the model's metadata tells the runtime to disable
-  onnxruntime's ConstantFolding, which would fold every decode at session creation.
+  bit-packed uint8 codes, fp16 codebooks and scales, decoded inside the graph next to their
+  use with standard ops (BitShift, BitwiseAnd, Gather: :mod:`kompakt.export.onnx_codebook`).
+  The exporter's optimizer is off (it would fold small decodes into dense initializers), and
+  the model's metadata tells the runtime to disable onnxruntime's ConstantFolding, which
+  would fold every decode at session creation.
   Export fails if any Codebook layer came out as a dense float initializer.
 - Validation: onnxruntime outputs against torch on the traced shape and on two others;
   the error is the max absolute difference over the largest reference magnitude (at least 1).
@@ -27,6 +28,8 @@ import torch
 from torch import nn
 
 from kompakt.errors import KompaktError
+from kompakt.export.codebook_ops import fused_copy
+from kompakt.export.onnx_codebook import translation_table
 from kompakt.export.tracing import (
     Outputs,
     as_tuple,
@@ -133,12 +136,13 @@ def export_onnx(
     names = input_names(inputs)
     language_model = is_language_model(model)
     wrapper = Outputs(model, language_model).eval()
+    fused, _ = fused_copy(model)
     output_names = ["logits" if language_model else "output"]
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
         tmp_path = Path(tmp) / path.name
         try:
             torch.onnx.export(
-                wrapper,
+                Outputs(fused, language_model).eval(),
                 inputs,
                 str(tmp_path),
                 dynamo=True,
@@ -146,6 +150,7 @@ def export_onnx(
                 input_names=names,
                 output_names=output_names,
                 dynamic_shapes=dynamic_shapes(inputs, dynamic),
+                custom_translation_table=translation_table(),
                 verbose=False,
             )
         except Exception as e:  # the exporter raises many types; name the model and the cause

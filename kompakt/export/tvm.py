@@ -5,10 +5,10 @@ Path: ``torch.export`` (batch >= 2, dynamic batch and, for token ids, sequence) 
 for the target (:mod:`kompakt.export.targets`) -> ``export_library``.
 
 Codebook layers are replaced, in a copy of the model, by calls to two torch custom ops
-(``kompakt::codebook_linear``, ``kompakt::codebook_rows``) that the Relax importer lowers to
-the TIR kernels of :mod:`kompakt.export.tvm_kernels`: the kernels read the packed codes,
-codebooks and scales inside the matmul (or the embedding lookup), so the float weight matrix
-is never materialised. A Codebook Conv2d decodes its kernel with the row kernel on each call
+(:mod:`kompakt.export.codebook_ops`) that the Relax importer lowers to the TIR kernels of
+:mod:`kompakt.export.tvm_kernels`: the kernels read the packed codes, codebooks and scales
+inside the matmul (or the embedding lookup), so the float weight matrix is never
+materialised. A Codebook Conv2d decodes its kernel with the row kernel on each call
 (a conv kernel is small) and runs TVM's conv2d on it.
 
 Every tensor of the model (parameters and buffers) is a parameter of the compiled ``main``
@@ -24,7 +24,6 @@ runner when it is installed. Above ``tolerance`` the export is refused.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import functools
 import json
@@ -37,17 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kompakt.compress.quantize.layers import (
-    CodebookConv2d,
-    CodebookLinear,
-    CodedLayer,
-    decode_codes,
-)
-from kompakt.compress.quantize.packing import unpack_codes
 from kompakt.errors import KompaktError
+from kompakt.export.codebook_ops import frozen, fused_copy
 from kompakt.export.targets import Target, resolve
 from kompakt.export.tracing import (
     Outputs,
@@ -61,139 +53,16 @@ from kompakt.export.tracing import (
 from kompakt.runtime.tvm import BUNDLE_FORMAT, MANIFEST, PARAMS
 
 
-def _decode(codes, codebook, group, scales, offsets, bits, cols, block, has_scales, has_offsets):
-    return decode_codes(
-        unpack_codes(codes, bits, cols),
-        group.long(),
-        codebook.float(),
-        scales.float() if has_scales else None,
-        offsets.float() if has_offsets else None,
-        block,
-    )
-
-
-@torch.library.custom_op("kompakt::codebook_linear", mutates_args=())
-def codebook_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    codebook: torch.Tensor,
-    group: torch.Tensor,
-    scales: torch.Tensor,
-    offsets: torch.Tensor,
-    bias: torch.Tensor,
-    bits: int,
-    cols: int,
-    block: int,
-    has_scales: bool,
-    has_offsets: bool,
-) -> torch.Tensor:
-    """``x [n, cols] @ decode(codes).T + bias``; TVM lowers it to a fused kernel."""
-    w = _decode(codes, codebook, group, scales, offsets, bits, cols, block, has_scales, has_offsets)
-    return F.linear(x, w, bias)
-
-
-@codebook_linear.register_fake
-def _(x, codes, codebook, group, scales, offsets, bias, bits, cols, block, has_scales, has_offsets):
-    return x.new_empty(x.shape[0], codes.shape[0])
-
-
-@torch.library.custom_op("kompakt::codebook_rows", mutates_args=())
-def codebook_rows(
-    index: torch.Tensor,
-    codes: torch.Tensor,
-    codebook: torch.Tensor,
-    group: torch.Tensor,
-    scales: torch.Tensor,
-    offsets: torch.Tensor,
-    bits: int,
-    cols: int,
-    block: int,
-    has_scales: bool,
-    has_offsets: bool,
-) -> torch.Tensor:
-    """The decoded rows ``index [n]`` of the coded weight: ``[n, cols]`` float32."""
-    static = (bits, cols, block, has_scales, has_offsets)
-    return _decode(codes[index], codebook, group[index], scales, offsets, *static)
-
-
-@codebook_rows.register_fake
-def _(index, codes, codebook, group, scales, offsets, bits, cols, block, has_scales, has_offsets):
-    return codebook.new_empty(index.shape[0], cols, dtype=torch.float32)
-
-
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach().clone(), requires_grad=False)
-
-
-class _Fused(nn.Module):
-    """A Codebook layer as a call to a kompakt custom op, its tensors as parameters."""
-
-    def __init__(self, layer: CodedLayer, shared: dict[int, dict[str, nn.Parameter]]) -> None:
-        super().__init__()
-        lay = layer.layout
-        self.layer = layer.layer_kind
-        self.static = (lay.bits, lay.cols, lay.block, lay.scales, lay.offsets)
-        key = id(layer.codes)  # a tied embedding and LM head share their coded tensors
-        if key not in shared:
-            placeholder = torch.zeros(1, 1, dtype=torch.float16)
-            shared[key] = {
-                "codes": _frozen(layer.codes),
-                "codebook": _frozen(layer.codebook),
-                "group": _frozen(layer.group_of_rows().to(torch.int32)),
-                "scales": _frozen(layer.scales if lay.scales else placeholder + 1),
-                "offsets": _frozen(layer.offsets if lay.offsets else placeholder),
-            }
-        for name, p in shared[key].items():
-            self.register_parameter(name, p)
-        if isinstance(layer, CodebookLinear):
-            self.bias = _frozen(
-                layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
-            )
-        if isinstance(layer, CodebookConv2d):
-            self.conv = {
-                "shape": (
-                    layer.out_channels,
-                    layer.in_channels // layer.groups,
-                    *layer.kernel_size,
-                ),
-                "stride": layer.stride,
-                "padding": layer.padding,
-                "dilation": layer.dilation,
-                "groups": layer.groups,
-            }
-            self.index = _frozen(torch.arange(lay.rows))
-            self.bias = None if layer.bias is None else _frozen(layer.bias)
-
-    def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.codes, self.codebook, self.group, self.scales, self.offsets
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layer == "linear":
-            flat = x.reshape(-1, x.shape[-1])
-            y = codebook_linear(flat, *self._tensors(), self.bias, *self.static)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        if self.layer == "embedding":
-            rows = codebook_rows(x.reshape(-1), *self._tensors(), *self.static)
-            return rows.view(*x.shape, rows.shape[-1])
-        c = self.conv
-        kernel = codebook_rows(self.index, *self._tensors(), *self.static).view(c["shape"])
-        return F.conv2d(x, kernel, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
-
-
 def _prepared(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` with Codebook layers fused and every persistent buffer made a
     parameter (non-persistent ones, e.g. rotary frequencies, become library constants)."""
-    model = copy.deepcopy(model).eval()
-    shared: dict[int, dict[str, nn.Parameter]] = {}
-    coded = [(n, m) for n, m in model.named_modules() if isinstance(m, CodedLayer)]
-    for name, layer in coded:
-        model.set_submodule(name, _Fused(layer, shared))
+    model, coded = fused_copy(model)
     for module in model.modules():
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and name not in module._non_persistent_buffers_set:
                 del module._buffers[name]
-                module.register_parameter(name, _frozen(buffer))
-    return model, len(coded)
+                module.register_parameter(name, frozen(buffer))
+    return model, coded
 
 
 # ---- Relax lowering of the custom ops -------------------------------------------------

@@ -197,14 +197,8 @@ class CodedLayer(nn.Module):
             row_group = unpack_row_groups(self.row_group, lay.groups, lay.rows)
         return _group_of_rows(lay.rows, lay.groups, row_group)
 
-    def decoded_rows(
-        self, index: torch.Tensor | None = None, after: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The decoded float32 weight ``[rows, cols]``, or only the rows in ``index``.
-
-        ``after`` (the layer's input) adds a data dependency that is always zero: in an
-        exported graph the decode then runs once the layer's input exists, next to its use,
-        instead of every layer's weights being decoded up front and held at once."""
+    def decoded_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoded float32 weight ``[rows, cols]``, or only the rows in ``index``."""
         cache = self.__dict__.get("_dense")
         if cache is not None:
             return cache if index is None else cache[index]
@@ -213,10 +207,6 @@ class CodedLayer(nn.Module):
         if index is not None:
             codes, group = codes[index], group[index]
         floats = [t if t is None else t.float() for t in (self.codebook, self.scales, self.offsets)]
-        if after is not None:
-            zero = after[..., :0].sum()  # an empty sum: exactly 0
-            codes, group = codes + zero.to(codes.dtype), group + zero.to(group.dtype)
-            floats = [t if t is None else t + zero.to(t.dtype) for t in floats]
         return decode_codes(unpack_codes(codes, lay.bits, lay.cols), group, *floats, lay.block)
 
     def weight_bits(self) -> int:
@@ -287,16 +277,14 @@ class CodebookLinear(CodedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.layout.rows
         if rows <= DECODE_ROWS or "_dense" in self.__dict__:
-            return F.linear(x, self.decoded_rows(after=x).to(x.dtype), self.bias)
+            return F.linear(x, self.decoded_rows().to(x.dtype), self.bias)
         # a large layer (an LM head) decodes and multiplies in row blocks, so that only one
-        # block of decoded weights exists at a time, here and in exported graphs
+        # block of decoded weights exists at a time
         outputs = []
         for start in range(0, rows, DECODE_ROWS):
             index = torch.arange(start, min(start + DECODE_ROWS, rows))
             bias = None if self.bias is None else self.bias[start : start + DECODE_ROWS]
-            # each block after the previous block's output: one decoded block at a time
-            after = x if not outputs else outputs[-1]
-            outputs.append(F.linear(x, self.decoded_rows(index, after).to(x.dtype), bias))
+            outputs.append(F.linear(x, self.decoded_rows(index).to(x.dtype), bias))
         return torch.cat(outputs, dim=-1)
 
 
@@ -336,14 +324,14 @@ class CodebookConv2d(CodedLayer):
             "bias": self.bias is not None,
         }
 
-    def kernel(self, after: torch.Tensor | None = None) -> torch.Tensor:
+    def kernel(self) -> torch.Tensor:
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        return self.decoded_rows(after=after).view(shape)
+        return self.decoded_rows().view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
             x,
-            self.kernel(after=x).to(x.dtype),
+            self.kernel().to(x.dtype),
             self.bias,
             self.stride,
             self.padding,
