@@ -23,6 +23,10 @@ LANES = 8
 """Vector width of the dot products (fp32 lanes: two NEON or one AVX2 register)."""
 TILE = 8
 """Weight rows decoded together by ``codebook_linear`` (``TILE * cols`` floats at a time)."""
+TOKENS = 4
+"""Input rows ``codebook_linear`` multiplies at once."""
+ROWS = 2
+"""Weight rows ``codebook_linear`` multiplies at once (``ROWS * TOKENS`` vector accumulators)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,25 +58,31 @@ def _decoder(s: CodedShape):
     per_chunk = 8 // math.gcd(s.bits, 8)
     chunk_bytes = s.bits * per_chunk // 8
     chunks = s.row_bytes // chunk_bytes
+    full = s.cols // per_chunk  # chunks without padding codes
     affine = s.has_scales or s.has_offsets
 
     @T.macro
     def decode_row(dst, r, codes, codebook, group, scales, offsets, row):
         g = group[row]
-        table = T.alloc_buffer((s.entries,), "float32")
+        table = T.alloc_buffer((s.entries,), "float32", scope="local")
         for e in range(s.entries):
             table[e] = T.Cast("float32", codebook[T.min(g, s.codebooks - 1), e])
+        word = T.alloc_buffer((1,), "int64", scope="local")
         for c in range(chunks):
-            word = T.alloc_buffer((1,), "int64")
             word[0] = T.int64(0)
             for i in T.unroll(chunk_bytes):
-                word[0] = word[0] + T.shift_left(
+                word[0] = word[0] | T.shift_left(
                     T.Cast("int64", codes[row, c * chunk_bytes + i]), T.int64(8 * i)
                 )
-            for j in T.unroll(per_chunk):
-                if c * per_chunk + j < s.cols:
+            if c < full:  # every code of the chunk is in the row
+                for j in T.unroll(per_chunk):
                     code = T.bitwise_and(T.shift_right(word[0], T.int64(j * s.bits)), mask)
                     dst[r, c * per_chunk + j] = table[T.Cast("int32", code)]
+            else:  # the last chunk's padding codes are skipped
+                for j in T.unroll(per_chunk):
+                    if c * per_chunk + j < s.cols:
+                        code = T.bitwise_and(T.shift_right(word[0], T.int64(j * s.bits)), mask)
+                        dst[r, c * per_chunk + j] = table[T.Cast("int32", code)]
         if affine:
             for b in range(s.blocks):
                 scale = T.float32(1)
@@ -90,10 +100,44 @@ def _decoder(s: CodedShape):
 
 
 def codebook_linear(s: CodedShape):
-    """``y[n, rows] = x[n, cols] @ decode(codes).T + bias``, tiles of rows in parallel."""
+    """``y[n, rows] = x[n, cols] @ decode(codes).T + bias``, tiles of rows in parallel.
+
+    Each tile of ``TILE`` decoded rows is multiplied ``ROWS`` weight rows by ``TOKENS`` input
+    rows at a time (``dot``), so each vector load feeds several multiply-adds."""
     decode_row = _decoder(s)
     whole = s.cols // LANES * LANES
     tiles = -(-s.rows // TILE)
+
+    @T.macro
+    def dot(y, x, w, bias, i, count, t, r):
+        """``y[i + k, t * TILE + r + m] = x[i + k] . w[r + m] + bias`` for ``k < count`` and
+        ``m < ROWS``: ``ROWS x TOKENS`` vector accumulators, each weight vector loaded once
+        for ``TOKENS`` inputs and each input vector once for ``ROWS`` weight rows."""
+        acc = T.alloc_buffer((ROWS, TOKENS, LANES), "float32", scope="local")
+        for m in T.unroll(ROWS):
+            for k in T.unroll(TOKENS):
+                for j in T.vectorized(LANES):
+                    acc[m, k, j] = T.float32(0)
+        for kk in range(whole // LANES):
+            for k in T.unroll(TOKENS):
+                if T.Cast("int64", k) < count:
+                    for m in T.unroll(ROWS):
+                        for j in T.vectorized(LANES):
+                            acc[m, k, j] = (
+                                acc[m, k, j]
+                                + x[i + T.Cast("int64", k), kk * LANES + j]
+                                * w[r + m, kk * LANES + j]
+                            )
+        for m in T.unroll(ROWS):
+            for k in T.unroll(TOKENS):
+                if T.Cast("int64", k) < count and t * TILE + r + m < s.rows:
+                    total = T.alloc_buffer((1,), "float32", scope="local")
+                    total[0] = bias[t * TILE + r + m]
+                    for j in T.unroll(LANES):
+                        total[0] = total[0] + acc[m, k, j]
+                    for c in range(whole, s.cols):
+                        total[0] = total[0] + x[i + T.Cast("int64", k), c] * w[r + m, c]
+                    y[i + T.Cast("int64", k), t * TILE + r + m] = total[0]
 
     @T.prim_func(private=True)
     def kernel(
@@ -115,22 +159,12 @@ def codebook_linear(s: CodedShape):
             for r in range(TILE):
                 if t * TILE + r < s.rows:
                     decode_row(w, r, codes, codebook, group, scales, offsets, t * TILE + r)
-            for i in range(n):
-                for r in range(TILE):
-                    if t * TILE + r < s.rows:
-                        acc = T.alloc_buffer((LANES,), "float32")
-                        for j in T.vectorized(LANES):
-                            acc[j] = T.float32(0)
-                        for kk in range(whole // LANES):
-                            for j in T.vectorized(LANES):
-                                acc[j] = acc[j] + x[i, kk * LANES + j] * w[r, kk * LANES + j]
-                        total = T.alloc_buffer((1,), "float32")
-                        total[0] = bias[t * TILE + r]
-                        for j in range(LANES):
-                            total[0] = total[0] + acc[j]
-                        for k in range(whole, s.cols):
-                            total[0] = total[0] + x[i, k] * w[r, k]
-                        y[i, t * TILE + r] = total[0]
+            for b in range(n // TOKENS):
+                for r in range(TILE // ROWS):
+                    dot(y, x, w, bias, b * TOKENS, T.int64(TOKENS), t, r * ROWS)
+            if n % TOKENS > 0:
+                for r in range(TILE // ROWS):
+                    dot(y, x, w, bias, n // TOKENS * TOKENS, n % TOKENS, t, r * ROWS)
 
     return kernel
 

@@ -91,14 +91,15 @@ def _needs_no_folding(path: Path) -> bool:
 
 
 def create_session(
-    path: Path, no_folding: bool, threads: int | None = None, save_ort: Path | None = None
+    path: Path, no_folding: bool, threads: int | None = None, save_optimized: Path | None = None
 ):
     """An onnxruntime CPU session. ``no_folding`` (models with Codebook layers): ConstantFolding
     off, so packed codes are not expanded to dense weights, and no memory pattern (planned
     for the largest shapes); the memory arena stays, reusing each decode's buffers for the
     next (SmolLM2 JLCM 3-bit, batch 1 x 128 tokens: peak RSS 272 MB with the arena, 564 MB
     without, where the C allocator keeps freed decode buffers).
-    ``save_ort``: also write the model, after basic optimizations, in ORT format there."""
+    ``save_optimized``: also write the model there after onnxruntime's basic (hardware
+    independent, standard-op) optimizations, in ORT format for a ``.ort`` suffix."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -107,10 +108,11 @@ def create_session(
         options.intra_op_num_threads = threads
     if no_folding:
         options.enable_mem_pattern = False
-    if save_ort is not None:
+    if save_optimized is not None:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(save_ort)
-        options.add_session_config_entry("session.save_model_format", "ORT")
+        options.optimized_model_filepath = str(save_optimized)
+        if save_optimized.suffix == ".ort":
+            options.add_session_config_entry("session.save_model_format", "ORT")
     disabled = ["ConstantFolding"] if no_folding else []
     return ort.InferenceSession(
         str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled

@@ -182,7 +182,7 @@ def test_mobile_writes_ort_and_the_operator_config(tmp_path):
     weights = sum(
         m.layout.rows * m.layout.cols for m in model.modules() if isinstance(m, quantize.CodedLayer)
     )
-    create_session(tmp_path / "q.onnx", no_folding=False, save_ort=tmp_path / "folded.ort")
+    create_session(tmp_path / "q.onnx", no_folding=False, save_optimized=tmp_path / "folded.ort")
     for written in ("q.ort", "folded.ort"):
         assert (tmp_path / written).stat().st_size < 2 * weights  # fp32 weights: 4 bytes each
 
