@@ -10,8 +10,8 @@
   disable onnxruntime's ConstantFolding. Export fails if any Codebook layer came out as a
   dense float initializer.
 - The written graph is the exporter's after onnxruntime's basic optimizations (standard ops
-  only; ConstantFolding off for Codebook models): about half the nodes, and onnxruntime
-  spends about 3.5 KB of memory per node it loads.
+  only, ConstantFolding off): about half the nodes, and onnxruntime spends about 3.5 KB of
+  memory per node it loads.
 - Validation: onnxruntime outputs against torch on the traced shape and on two others;
   the error is the max absolute difference over the largest reference magnitude (at least 1).
   Above ``tolerance`` the export is refused and nothing is written.
@@ -159,10 +159,12 @@ def export_onnx(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise KompaktError(f"ONNX export of {type(model).__name__} failed: {first}") from e
         # onnxruntime's basic optimizations, offline: the exporter's graph has about twice
-        # the nodes, and a session spends about 3.5 KB on each node it loads
+        # the nodes, and a session spends about 3.5 KB on each node it loads. ConstantFolding
+        # stays off for every model: folding the transpose of a tied embedding's table would
+        # store the table twice (sessions of dense models still fold at creation)
         has_codes = any(isinstance(m, CodedLayer) for m in model.modules())
         optimized = tmp_path.with_name("optimized-" + path.name)
-        create_session(tmp_path, has_codes, save_optimized=optimized)
+        create_session(tmp_path, True, save_optimized=optimized)
         os.replace(optimized, tmp_path)
         proto = onnx.load(str(tmp_path))
         coded = _check_codes_survived(proto, model)

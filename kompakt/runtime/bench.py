@@ -1,10 +1,12 @@
 """``kompakt bench``: latency, throughput and peak memory of an exported model.
 
-Each model is measured in a fresh Python process (so its peak RSS is its own): the session is
-created, then for every batch size the model runs ``warmup`` times and ``repeats`` timed
-times on random inputs built from its input specs (dynamic axes: the first is the batch, the
-others take ``seq``). Reported: latency p50 / p90 / p99 (ms), throughput (examples per
-second at the median), peak RSS of the process, and the model's bytes on disk.
+Each model is measured in a fresh process (so its peak RSS is its own): an ONNX model in a
+Python process with onnxruntime; a TVM bundle for this host in the kompakt C++ runner, a
+process holding the TVM runtime alone, one per batch size (peak RSS: the largest). For every
+batch size the model runs ``warmup`` times and ``repeats`` timed times on random inputs built
+from its input specs (dynamic axes: the first is the batch, the others take ``seq``).
+Reported: latency p50 / p90 / p99 (ms), throughput (examples per second at the median), peak
+RSS, and the model's bytes on disk.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import numpy as np
 from kompakt.errors import KompaktError
 
 
-def example_inputs(session, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching ``session.inputs``; token ids are drawn from 0..99."""
+def example_inputs(specs, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching the input ``specs``; token ids are drawn from 0..99."""
     rng = np.random.default_rng(seed)
     feed = {}
-    for spec in session.inputs:
+    for spec in specs:
         dims, dynamic_seen = [], 0
         for d in spec.shape:
             if isinstance(d, int):
@@ -60,7 +62,7 @@ def measure(
     load_seconds = time.perf_counter() - start
     rows = []
     for batch in batches:
-        feed = example_inputs(session, batch, seq)
+        feed = example_inputs(session.inputs, batch, seq)
         for _ in range(warmup):
             session.run(feed)
         times = []
@@ -68,21 +70,48 @@ def measure(
             t0 = time.perf_counter()
             session.run(feed)
             times.append((time.perf_counter() - t0) * 1000)
-        median = statistics.median(times)
-        rows.append(
-            {
-                "batch": batch,
-                "p50_ms": median,
-                "p90_ms": _percentile(times, 90),
-                "p99_ms": _percentile(times, 99),
-                "throughput_per_s": batch / (median / 1000),
-            }
-        )
+        rows.append(_latency(batch, times))
     return {
         "model": str(path),
         "model_bytes": model_bytes(Path(path)),
         "load_seconds": load_seconds,
         "peak_rss_bytes": peak_rss_bytes(),
+        "seq": seq,
+        "latency": rows,
+    }
+
+
+def _latency(batch: int, times: list[float]) -> dict[str, float]:
+    median = statistics.median(times)
+    return {
+        "batch": batch,
+        "p50_ms": median,
+        "p90_ms": _percentile(times, 90),
+        "p99_ms": _percentile(times, 99),
+        "throughput_per_s": batch / (median / 1000),
+    }
+
+
+def _bench_bundle(
+    path: Path, batches: list[int], seq: int, warmup: int, repeats: int, threads: int | None
+) -> dict[str, Any]:
+    """A host TVM bundle in the kompakt C++ runner, a fresh process per batch size."""
+    from kompakt.runtime import runner
+    from kompakt.runtime.tvm import host_manifest, input_specs
+
+    specs = input_specs(host_manifest(path))
+    rows, peak = [], 0
+    for batch in batches:
+        feed = example_inputs(specs, batch, seq)
+        _, timing = runner.run_bundle(
+            path, feed, repeat=warmup + repeats, arch="host", threads=threads
+        )
+        rows.append(_latency(batch, timing["ms"][warmup:]))
+        peak = max(peak, timing["peak_rss_bytes"])
+    return {
+        "model": str(path),
+        "model_bytes": model_bytes(path),
+        "peak_rss_bytes": peak,
         "seq": seq,
         "latency": rows,
     }
@@ -121,6 +150,8 @@ def bench(
     """Measure ``path`` in a fresh process; returns the measurement as a dict."""
     if not Path(path).exists():
         raise KompaktError(f"{path}: no such model file or bundle")
+    if Path(path).is_dir():
+        return _bench_bundle(Path(path), list(batches), seq, warmup, repeats, threads)
     args = [
         sys.executable,
         "-m",

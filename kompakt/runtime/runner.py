@@ -175,13 +175,15 @@ def run_bundle(
     repeat: int = 1,
     timeout: float | None = None,
     arch: str = "aarch64",
+    threads: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Run the bundle's ``main`` on ``inputs`` (in its input order), ``repeat`` times, in a
     fresh runner process for ``arch`` (``aarch64``: under qemu on other hosts; ``host``).
 
     Returns the outputs of the last run (named as in the bundle's manifest, else
-    ``output_0``, ...) and ``{"median_ms", "runs", "peak_rss_bytes", "emulated"}``; under
-    qemu the times are not the device's.
+    ``output_0``, ...) and ``{"median_ms", "runs", "peak_rss_bytes", "ms", "emulated"}``
+    (``ms``: each run's time, in order); under qemu the times are not the device's.
+    ``threads``: the TVM runtime's thread count (default: one per core).
     """
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / "model.so").is_file():
@@ -190,12 +192,14 @@ def run_bundle(
     _, libs, _ = _toolchain(arch)
     path = os.pathsep.join(str(lib) for lib in libs)
     native = arch == "host" or platform.machine() in ("aarch64", "arm64")
+    settings = {"LD_LIBRARY_PATH": path, **({"TVM_NUM_THREADS": str(threads)} if threads else {})}
     if native:
-        cmd, env = [str(runner)], {**os.environ, "LD_LIBRARY_PATH": path}
+        cmd, env = [str(runner)], {**os.environ, **settings}
     else:
         if shutil.which(QEMU) is None:
             raise KompaktError(f"{QEMU} not found: {INSTALL_HINT}")
-        cmd, env = [QEMU, "-L", SYSROOT, "-E", f"LD_LIBRARY_PATH={path}", str(runner)], None
+        exported = [a for k, v in settings.items() for a in ("-E", f"{k}={v}")]
+        cmd, env = [QEMU, "-L", SYSROOT, *exported, str(runner)], None
     with tempfile.TemporaryDirectory(prefix="kompakt-runner-") as tmp:
         write_tensors(Path(tmp) / "inputs.ktns", inputs)
         cmd += [

@@ -39,6 +39,28 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
+def host_manifest(bundle: Path) -> dict[str, Any]:
+    """The manifest of a bundle built for this host; a clear error for any other."""
+    manifest = read_manifest(bundle)
+    if not manifest["target"]["tvm"].get("kind") == "llvm" or manifest["library"] != "model.so":
+        raise KompaktError(
+            f"{bundle}: a {manifest['target']['name']} bundle; this host cannot load it"
+        )
+    triple = manifest["target"]["tvm"].get("mtriple", "")
+    if triple and not triple.startswith(os.uname().machine):
+        raise KompaktError(
+            f"{bundle}: built for {triple}; run it on that machine "
+            "(aarch64: kompakt.runtime.runner.run_bundle runs it under qemu)"
+        )
+    return manifest
+
+
+def input_specs(manifest: dict[str, Any]) -> list[TensorSpec]:
+    return [
+        TensorSpec(i["name"], np.dtype(i["dtype"]), tuple(i["shape"])) for i in manifest["inputs"]
+    ]
+
+
 class TvmSession:
     """A bundle loaded into a Relax VM; ``run`` returns ``{output name: array}``."""
 
@@ -47,17 +69,7 @@ class TvmSession:
         from tvm import relax
 
         self.path = Path(bundle)
-        manifest = read_manifest(self.path)
-        if not manifest["target"]["tvm"].get("kind") == "llvm" or manifest["library"] != "model.so":
-            raise KompaktError(
-                f"{self.path}: a {manifest['target']['name']} bundle; this host cannot load it"
-            )
-        triple = manifest["target"]["tvm"].get("mtriple", "")
-        if triple and not triple.startswith(os.uname().machine):
-            raise KompaktError(
-                f"{self.path}: built for {triple}; run it on that machine "
-                "(aarch64: kompakt.runtime.runner.run_bundle runs it under qemu)"
-            )
+        manifest = host_manifest(self.path)
         if threads:
             os.environ["TVM_NUM_THREADS"] = str(threads)
         library = tvm.runtime.load_module(str(self.path / manifest["library"]))
@@ -66,10 +78,7 @@ class TvmSession:
         self._params = [
             tvm.runtime.tensor(a, self._device) for a in read_tensors(self.path / PARAMS).values()
         ]
-        self.inputs = [
-            TensorSpec(i["name"], np.dtype(i["dtype"]), tuple(i["shape"]))
-            for i in manifest["inputs"]
-        ]
+        self.inputs = input_specs(manifest)
         self.outputs = [
             TensorSpec(o["name"], np.dtype(o["dtype"]), ()) for o in manifest["outputs"]
         ]

@@ -4,8 +4,8 @@
 //
 // Loads BUNDLE_DIR/model.so (a Relax executable), calls main(inputs..., params...) N times
 // (default 1), writes the outputs of the last call as output_0, output_1, ... to OUTPUTS.ktns
-// and prints {"median_ms": ..., "runs": N, "peak_rss_bytes": ...} on stdout (peak RSS: the
-// process's VmHWM; under qemu that of the emulator). KTNS is described in docs/formats.md.
+// and prints {"median_ms": ..., "runs": N, "peak_rss_bytes": ..., "ms": [each call, in order]}
+// on stdout (peak RSS: the process's VmHWM; under qemu that of the emulator). KTNS is described in docs/formats.md.
 // Errors go to stderr with exit code 1 (2 for bad usage).
 
 #include <dlpack/dlpack.h>
@@ -240,11 +240,13 @@ int Run(int argc, char** argv) {
     named.push_back({"output_" + std::to_string(i), outs[i]});
   WriteKtns(args[2], named);
 
+  std::ostringstream each;
+  for (size_t i = 0; i < ms.size(); ++i) each << (i ? ", " : "") << ms[i];
   std::sort(ms.begin(), ms.end());
   size_t mid = ms.size() / 2;
   double median = ms.size() % 2 ? ms[mid] : (ms[mid - 1] + ms[mid]) / 2;
-  std::printf("{\"median_ms\": %.6g, \"runs\": %d, \"peak_rss_bytes\": %lld}\n", median, repeat,
-              PeakRssBytes());
+  std::printf("{\"median_ms\": %.6g, \"runs\": %d, \"peak_rss_bytes\": %lld, \"ms\": [%s]}\n",
+              median, repeat, PeakRssBytes(), each.str().c_str());
   return 0;
 }
 
