@@ -138,13 +138,14 @@ def export_onnx(
     names = input_names(inputs)
     language_model = is_language_model(model)
     wrapper = Outputs(model, language_model).eval()
-    fused, _ = fused_copy(model)
+    has_codes = any(isinstance(m, CodedLayer) for m in model.modules())
+    traced = fused_copy(model)[0] if has_codes else model
     output_names = ["logits" if language_model else "output"]
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
         tmp_path = Path(tmp) / path.name
         try:
             torch.onnx.export(
-                Outputs(fused, language_model).eval(),
+                Outputs(traced, language_model).eval(),
                 inputs,
                 str(tmp_path),
                 dynamo=True,
@@ -162,7 +163,6 @@ def export_onnx(
         # the nodes, and a session spends about 3.5 KB on each node it loads. ConstantFolding
         # stays off for every model: folding the transpose of a tied embedding's table would
         # store the table twice (sessions of dense models still fold at creation)
-        has_codes = any(isinstance(m, CodedLayer) for m in model.modules())
         optimized = tmp_path.with_name("optimized-" + path.name)
         create_session(tmp_path, True, save_optimized=optimized)
         os.replace(optimized, tmp_path)

@@ -42,7 +42,7 @@ class _Lowering:
 
         self.op = opset18
         self._constants: dict[tuple, object] = {}
-        self._floats: dict[int, object] = {}
+        self._floats: dict[int, tuple] = {}
 
     def const(self, values, dtype):
         array = np.asarray(values, dtype=dtype)
@@ -55,9 +55,9 @@ class _Lowering:
 
     def float32(self, tensor):
         """``tensor`` (an fp16 codebook, scales or offsets) as float32, cast once per layer."""
-        if id(tensor) not in self._floats:
-            self._floats[id(tensor)] = self.op.Cast(tensor, to=FLOAT)
-        return self._floats[id(tensor)]
+        if id(tensor) not in self._floats:  # the tensor is kept, so its id stays its own
+            self._floats[id(tensor)] = (tensor, self.op.Cast(tensor, to=FLOAT))
+        return self._floats[id(tensor)][1]
 
     def ints(self, *values):
         return self.const(list(values), np.int64)
