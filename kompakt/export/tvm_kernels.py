@@ -62,6 +62,12 @@ def _decoder(s: CodedShape):
     affine = s.has_scales or s.has_offsets
 
     @T.macro
+    def put(dst, r, word, table, c, j):
+        """Code ``j`` of the chunk in ``word``, looked up in ``table``, into ``dst[r, ...]``."""
+        code = T.bitwise_and(T.shift_right(word[0], T.int64(j * s.bits)), mask)
+        dst[r, c * per_chunk + j] = table[T.Cast("int32", code)]
+
+    @T.macro
     def decode_row(dst, r, codes, codebook, group, scales, offsets, row):
         g = group[row]
         table = T.alloc_buffer((s.entries,), "float32", scope="local")
@@ -76,13 +82,11 @@ def _decoder(s: CodedShape):
                 )
             if c < full:  # every code of the chunk is in the row
                 for j in T.unroll(per_chunk):
-                    code = T.bitwise_and(T.shift_right(word[0], T.int64(j * s.bits)), mask)
-                    dst[r, c * per_chunk + j] = table[T.Cast("int32", code)]
+                    put(dst, r, word, table, c, j)
             else:  # the last chunk's padding codes are skipped
                 for j in T.unroll(per_chunk):
                     if c * per_chunk + j < s.cols:
-                        code = T.bitwise_and(T.shift_right(word[0], T.int64(j * s.bits)), mask)
-                        dst[r, c * per_chunk + j] = table[T.Cast("int32", code)]
+                        put(dst, r, word, table, c, j)
         if affine:
             for b in range(s.blocks):
                 scale = T.float32(1)
