@@ -9,9 +9,10 @@
   decodes' dependencies on their inputs), and the model's metadata tells the runtime to
   disable onnxruntime's ConstantFolding. Export fails if any Codebook layer came out as a
   dense float initializer.
-- The written graph is the exporter's after onnxruntime's basic optimizations (standard ops
-  only, ConstantFolding off): about half the nodes, and onnxruntime spends about 3.5 KB of
-  memory per node it loads.
+- onnxruntime spends about 4 KB of memory per node it loads, so the graph is kept small: a
+  transformer's alike decoder layers with Codebook layers run as one ``Scan`` over their
+  stacked parameters (:mod:`kompakt.export.onnx_scan`), and the written graph is the
+  exporter's after onnxruntime's basic optimizations (standard ops only, ConstantFolding off).
 - Validation: onnxruntime outputs against torch on the traced shape and on two others;
   the error is the max absolute difference over the largest reference magnitude (at least 1).
   Above ``tolerance`` the export is refused and nothing is written.
@@ -34,6 +35,7 @@ from kompakt.compress.quantize.layers import CodedLayer
 from kompakt.errors import KompaktError
 from kompakt.export.codebook_ops import fused_copy
 from kompakt.export.onnx_codebook import translation_table
+from kompakt.export.onnx_scan import stack_layers
 from kompakt.export.tracing import (
     Outputs,
     as_tuple,
@@ -66,8 +68,11 @@ def _check_codes_survived(proto, model: nn.Module) -> int:
     if not coded:
         return 0
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
-    uint8_shapes = [
-        tuple(i.dims) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT8
+    uint8_shapes = [  # a layer's codes, or one layer's slice of stacked codes
+        shape
+        for i in proto.graph.initializer
+        if i.data_type == onnx.TensorProto.UINT8
+        for shape in (tuple(i.dims), tuple(i.dims[1:]))
     ]
     float_sizes = [
         int(torch.tensor(list(i.dims)).prod())
@@ -139,7 +144,10 @@ def export_onnx(
     language_model = is_language_model(model)
     wrapper = Outputs(model, language_model).eval()
     has_codes = any(isinstance(m, CodedLayer) for m in model.modules())
-    traced = fused_copy(model)[0] if has_codes else model
+    traced, stacked = model, 0
+    if has_codes:
+        traced = fused_copy(model)[0]
+        stacked = stack_layers(traced)
     output_names = ["logits" if language_model else "output"]
     with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
         tmp_path = Path(tmp) / path.name
@@ -160,7 +168,7 @@ def export_onnx(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise KompaktError(f"ONNX export of {type(model).__name__} failed: {first}") from e
         # onnxruntime's basic optimizations, offline: the exporter's graph has about twice
-        # the nodes, and a session spends about 3.5 KB on each node it loads. ConstantFolding
+        # the nodes, and a session spends about 4 KB on each node it loads. ConstantFolding
         # stays off for every model: folding the transpose of a tied embedding's table would
         # store the table twice (sessions of dense models still fold at creation)
         optimized = tmp_path.with_name("optimized-" + path.name)
@@ -202,6 +210,7 @@ def export_onnx(
         "dynamic": dynamic,
         "initializer_bytes": initializer_bytes(proto),
         "codebook_layers": coded,
+        "stacked_layers": stacked,
         "constant_folding_disabled": bool(coded),
         "validation": validation,
     }

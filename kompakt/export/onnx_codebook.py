@@ -35,14 +35,22 @@ FLOAT, INT32 = 1, 6  # ONNX TensorProto data types
 
 
 class _Lowering:
-    """The two translation functions for one export; constants are created once per value."""
+    """The two translation functions for one export; constants are created once per value
+    and graph (the model's, or the body of a ``Scan`` over stacked layers)."""
 
     def __init__(self) -> None:
         from onnxscript import opset18
 
         self.op = opset18
-        self._constants: dict[tuple, object] = {}
-        self._floats: dict[int, tuple] = {}
+        self._graphs: dict[int, tuple[object, dict, dict]] = {}
+
+    def _enter(self, codes) -> None:
+        """Use the constants of the graph that holds ``codes`` (an initializer or input)."""
+        graph = codes.graph
+        assert graph is not None, "the exporter gave a Codebook tensor outside any graph"
+        if id(graph) not in self._graphs:  # the graph is kept, so its id stays its own
+            self._graphs[id(graph)] = (graph, {}, {})
+        _, self._constants, self._floats = self._graphs[id(graph)]
 
     def const(self, values, dtype):
         array = np.asarray(values, dtype=dtype)
@@ -62,10 +70,13 @@ class _Lowering:
     def ints(self, *values):
         return self.const(list(values), np.int64)
 
-    def _rows(self, tensors, start: int, stop: int, after):
-        """``t[start:stop]`` (axis 0) of each tensor, computed once ``after`` exists."""
+    def _rows(self, tensors, start: int, stop: int, after=None):
+        """``t[start:stop]`` (axis 0) of each tensor; computed once ``after`` exists if given
+        (an empty ``Shape`` of ``after`` concatenated to the start)."""
         op = self.op
-        starts = op.Concat(self.ints(start), op.Shape(after, start=0, end=0), axis=0)
+        starts = self.ints(start)
+        if after is not None:
+            starts = op.Concat(starts, op.Shape(after, start=0, end=0), axis=0)
         return [op.Slice(t, starts, self.ints(stop), self.ints(0)) for t in tensors]
 
     def _unpack(self, codes, bits: int, cols: int):
@@ -118,21 +129,26 @@ class _Lowering:
 
     def codebook_linear(self, x, codes, codebook, group, scales, offsets, bias, *static):
         """``x [n, cols] @ decode(codes).T + bias``, in row blocks of ``DECODE_ROWS``."""
+        self._enter(codes)
         op = self.op
         rows = codes.shape[0]
+        if rows <= DECODE_ROWS:
+            codes, group = self._rows((codes, group), 0, rows, x)
+            weight = self._decode(codes, codebook, group, scales, offsets, static)
+            return op.Gemm(x, weight, bias, transB=1)
         outputs, after = [], x
         for start in range(0, rows, DECODE_ROWS):
             stop = min(start + DECODE_ROWS, rows)
-            block_codes, block_group, block_bias = self._rows(
-                (codes, group, bias), start, stop, after
-            )
+            block_codes, block_group = self._rows((codes, group), start, stop, after)
+            (block_bias,) = self._rows((bias,), start, stop)
             weight = self._decode(block_codes, codebook, block_group, scales, offsets, static)
             outputs.append(op.Gemm(x, weight, block_bias, transB=1))
             after = outputs[-1]
-        return outputs[0] if len(outputs) == 1 else op.Concat(*outputs, axis=1)
+        return op.Concat(*outputs, axis=1)
 
     def codebook_rows(self, index, codes, codebook, group, scales, offsets, *static):
         """The decoded rows ``index [n]`` of the coded weight: float32 ``[n, cols]``."""
+        self._enter(codes)
         op = self.op
         rows_codes, rows_group = (op.Gather(t, index, axis=0) for t in (codes, group))
         return self._decode(rows_codes, codebook, rows_group, scales, offsets, static)

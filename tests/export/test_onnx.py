@@ -123,16 +123,70 @@ def test_tiny_llama_logits_parity_on_two_shapes(tmp_path, bits):
 
 def _assert_decodes_wait_for_inputs(proto):
     """Every node reading packed codes also reads a value computed from the graph's inputs,
-    so no decode can run (and be held) before its layer's input exists."""
-    derived = {i.name for i in proto.graph.input}
-    for node in proto.graph.node:  # nodes are in topological order
+    so no decode can run (and be held) before its layer's input exists; inside a ``Scan``
+    body, from the body's state (the layer's input)."""
+    graph = proto.graph
+    codes = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.UINT8}
+    readers = _assert_code_readers_derived(graph, {i.name for i in graph.input}, codes)
+    assert readers
+
+
+def _assert_code_readers_derived(graph, derived, codes) -> int:
+    derived, readers = set(derived), 0
+    for node in graph.node:  # nodes are in topological order
         if derived & set(node.input):
             derived.update(node.output)
-    codes = {i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT8}
-    readers = [n for n in proto.graph.node if codes & set(n.input)]
-    assert readers
-    for node in readers:
-        assert derived & set(node.input), f"{node.op_type} {node.name} decodes before its input"
+        if codes & set(node.input):
+            readers += 1
+            assert derived & set(node.input), f"{node.op_type} {node.name} decodes before its input"
+        for body in (a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
+            scanned = next(a.i for a in node.attribute if a.name == "num_scan_inputs")
+            states = [i.name for i in body.input[: len(body.input) - scanned]]
+            body_codes = {
+                i.name
+                for i in body.input[len(states) :]
+                if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+            }
+            readers += _assert_code_readers_derived(body, derived | set(states), body_codes)
+    return readers
+
+
+def test_alike_decoder_layers_export_as_one_scan_over_stacked_codes(tmp_path):
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    config = quantize.JLCMConfig(bits=3, steps=5, rows_per_group=3)
+    model = quantize.jlcm(tiny_llama(), config, ids, progress=False)
+    first, second = model.model.layers
+    counts = [
+        len(m.codebook)
+        for layer in (first, second)
+        for m in layer.modules()
+        if hasattr(m, "codebook")
+    ]
+    assert counts[:7] != counts[7:]  # some codebook counts differ: the stacking pads them
+    other = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(1))
+    report = _parity(model, ids, other, tmp_path / "lm.onnx")
+    assert report["stacked_layers"] == 2
+    proto = onnx.load(str(tmp_path / "lm.onnx"))
+    (scan,) = [n for n in proto.graph.node if n.op_type == "Scan"]
+    body = next(a.g for a in scan.attribute if a.name == "body")
+    # each decoder layer's 7 linear layers decode and multiply once, in the body; the main
+    # graph keeps the LM head's
+    assert [n.op_type for n in body.node].count("Gemm") == 7
+    assert [n.op_type for n in proto.graph.node].count("Gemm") == 1
+    _assert_decodes_wait_for_inputs(proto)
+    # the layers are stored once, stacked: codes of [layers, rows, bytes]
+    stacked = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    assert sum(len(i.dims) == 3 and i.dims[0] == 2 for i in stacked) == 7
+
+
+def test_unlike_decoder_layers_stay_unrolled(tmp_path):
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    config = quantize.JLCMConfig(bits=3, steps=5, skip=("model.layers.1.mlp.down_proj",))
+    model = quantize.jlcm(tiny_llama(), config, ids, progress=False)
+    other = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(1))
+    report = _parity(model, ids, other, tmp_path / "lm.onnx")
+    assert report["stacked_layers"] == 0
+    assert "Scan" not in {n.op_type for n in onnx.load(str(tmp_path / "lm.onnx")).graph.node}
 
 
 def test_large_codebook_linear_decodes_in_row_blocks_in_the_graph(tmp_path):
