@@ -27,6 +27,10 @@ TOKENS = 4
 """Input rows ``codebook_linear`` multiplies at once."""
 ROWS = 2
 """Weight rows ``codebook_linear`` multiplies at once (``ROWS * TOKENS`` vector accumulators)."""
+ON_STACK = {"disable_lower_builtin": True}
+"""For a small per-thread buffer: a stack array that LLVM can keep in registers, where TVM
+would otherwise allocate it from its workspace pool on every iteration of the parallel loop
+(and the accumulators would go through memory at every step)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +74,10 @@ def _decoder(s: CodedShape):
     @T.macro
     def decode_row(dst, r, codes, codebook, group, scales, offsets, row):
         g = group[row]
-        table = T.alloc_buffer((s.entries,), "float32", scope="local")
+        table = T.alloc_buffer((s.entries,), "float32", annotations=ON_STACK)
         for e in range(s.entries):
             table[e] = T.Cast("float32", codebook[T.min(g, s.codebooks - 1), e])
-        word = T.alloc_buffer((1,), "int64", scope="local")
+        word = T.alloc_buffer((1,), "int64", annotations=ON_STACK)
         for c in range(chunks):
             word[0] = T.int64(0)
             for i in T.unroll(chunk_bytes):
@@ -117,7 +121,7 @@ def codebook_linear(s: CodedShape):
         """``y[i + k, t * TILE + r + m] = x[i + k] . w[r + m] + bias`` for ``k < count`` and
         ``m < ROWS``: ``ROWS x TOKENS`` vector accumulators, each weight vector loaded once
         for ``TOKENS`` inputs and each input vector once for ``ROWS`` weight rows."""
-        acc = T.alloc_buffer((ROWS, TOKENS, LANES), "float32", scope="local")
+        acc = T.alloc_buffer((ROWS, TOKENS, LANES), "float32", annotations=ON_STACK)
         for m in T.unroll(ROWS):
             for k in T.unroll(TOKENS):
                 for j in T.vectorized(LANES):
@@ -135,7 +139,7 @@ def codebook_linear(s: CodedShape):
         for m in T.unroll(ROWS):
             for k in T.unroll(TOKENS):
                 if T.Cast("int64", k) < count and t * TILE + r + m < s.rows:
-                    total = T.alloc_buffer((1,), "float32", scope="local")
+                    total = T.alloc_buffer((1,), "float32", annotations=ON_STACK)
                     total[0] = bias[t * TILE + r + m]
                     for j in T.unroll(LANES):
                         total[0] = total[0] + acc[m, k, j]
