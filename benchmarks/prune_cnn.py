@@ -4,8 +4,9 @@ Every method gets the same total epoch budget and starts from the same seeded in
 weights:
 
 * dense: SGD (one-cycle) for the whole budget;
-* kompakt DHSPG at each group sparsity: trains from scratch with DHSPG (warm-up, pruning
-  window, rest of the budget with the pruned groups held at zero), then builds the subnet;
+* kompakt DHSPG at each group sparsity: trains from scratch with DHSPG (warm-up of 10% of the
+  budget, pruning window of 30%, the rest with the pruned groups held at zero), then builds
+  the subnet;
   no fine-tuning after;
 * Torch-Pruning (magnitude, L2): dense training for half the budget, one-shot global
   magnitude pruning to the FLOPs of the kompakt subnet at the same sparsity, fine-tuning
@@ -177,8 +178,10 @@ def main() -> None:
         config = PruneConfig(
             target_group_sparsity=sparsity,
             epochs=args.epochs,
-            start_epochs=0.4 * args.epochs,
-            pruning_epochs=0.35 * args.epochs,
+            # split early, shrink the redundant groups over 30% of the budget, then train the
+            # remaining groups: at 3 epochs this split beat 0.4 / 0.35 by 0.3-0.7 pt
+            start_epochs=0.1 * args.epochs,
+            pruning_epochs=0.3 * args.epochs,
             lr=args.lr,
             seed=args.seed,
         )
