@@ -8,7 +8,9 @@ the fp32 ONNX export of the same model: ``quantize_dynamic`` (int8 weights, QOpe
 after onnxruntime's basic optimizations (which fold the weight transposes into constants). The runtime floor is the
 peak RSS of the same process running a one-node Identity model. Target (JLCM): peak RSS at
 most 1.3 x (model bytes + floor). SmolLM2 is measured at batch 1 and 4 of 128 tokens, and
-apart at batch 1 of 16 tokens (peak RSS with small activations).
+apart at batch 1 of 16 tokens (peak RSS with small activations). SmolLM2's pruned row is a
+subnet with a fraction of OTO's prunable groups zeroed at random (no training on text): it
+measures what pruning does to size and speed in onnxruntime, not to quality.
 
     .venv/bin/python benchmarks/export_onnx.py --cnn out/demo/dense,out/demo/pruned
     .venv/bin/python benchmarks/export_onnx.py --llm out/bench/quantize_llm/artifacts/jlcm-3.0
@@ -30,6 +32,7 @@ import torch
 
 import kompakt
 from kompakt import export, runtime
+from kompakt.compress import prune
 from kompakt.compress.quantize import JLCMConfig, jlcm
 from kompakt.export.onnx import initializer_bytes
 from kompakt.runtime.bench import bench
@@ -110,6 +113,12 @@ def main() -> None:
     parser.add_argument(
         "--llm", help="a JLCM-quantized SmolLM2 artifact (benchmarks/quantize_llm.py)"
     )
+    parser.add_argument(
+        "--llm-prune",
+        type=float,
+        default=0.3,
+        help="fraction of SmolLM2's prunable groups the pruned row zeroes (at random)",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "export_onnx")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -152,11 +161,24 @@ def main() -> None:
             str(Path(args.llm).parent.parent / "checkpoint"), dtype=torch.float32
         ).eval()
         ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+        pruned_label = (
+            f"kompakt pruned ({args.llm_prune:.0%} of the prunable groups zeroed at random, "
+            "untrained: size and speed only)"
+        )
         paths = {
             "fp32": args.work / "smollm2.onnx",
+            pruned_label: args.work / "smollm2-pruned.onnx",
             f"kompakt JLCM ({Path(args.llm).name})": args.work / "smollm2-jlcm.onnx",
         }
         export.onnx(fp, ids, paths["fp32"], overwrite=True, tolerance=1e-3)
+        # a structurally pruned subnet (OTO's groups; no DHSPG training on text here): the
+        # zeroing is in place, so after the fp32 export. The subnet check allows 1e-4
+        # relative: 30 layers of smaller matmuls sum in another order
+        oto = prune.OTO(fp, {"input_ids": ids, "use_cache": False})
+        oto.zero_groups(args.llm_prune, seed=0)
+        subnet = oto.construct_subnet(atol=1e-4)
+        export.onnx(subnet, ids, paths[pruned_label], overwrite=True, tolerance=1e-3)
+        del oto, subnet
         export.onnx(
             quantized,
             ids,
