@@ -76,8 +76,8 @@ def main() -> None:
             mode="erase",
             target_group_sparsity=target,
             epochs=args.epochs,
-            start_epochs=0.4 * args.epochs,
-            pruning_epochs=0.35 * args.epochs,
+            start_epochs=0.1 * args.epochs,  # the split of benchmarks/prune_cnn.py
+            pruning_epochs=0.3 * args.epochs,
             lr=args.lr,
             seed=args.seed,
         )

@@ -27,6 +27,15 @@ TOKENS = 4
 """Input rows ``codebook_linear`` multiplies at once."""
 ROWS = 2
 """Weight rows ``codebook_linear`` multiplies at once (``ROWS * TOKENS`` vector accumulators)."""
+PANEL = 16
+"""Large inputs: tokens per panel of the packed input (two AVX2 or four NEON vectors)."""
+PANEL_ROWS = 6
+"""Large inputs: weight rows multiplied at once (``PANEL_ROWS x PANEL`` accumulators)."""
+BIG_TILE = 48
+"""Large inputs: weight rows decoded together (kept in L2; each input panel is read once per
+tile)."""
+LARGE = 64
+"""Input rows from which ``codebook_linear`` packs its input into panels."""
 ON_STACK = {"disable_lower_builtin": True}
 """For a small per-thread buffer: a stack array that LLVM can keep in registers, where TVM
 would otherwise allocate it from its workspace pool on every iteration of the parallel loop
@@ -110,11 +119,37 @@ def _decoder(s: CodedShape):
 def codebook_linear(s: CodedShape):
     """``y[n, rows] = x[n, cols] @ decode(codes).T + bias``, tiles of rows in parallel.
 
-    Each tile of ``TILE`` decoded rows is multiplied ``ROWS`` weight rows by ``TOKENS`` input
-    rows at a time (``dot``), so each vector load feeds several multiply-adds."""
+    Fewer than ``LARGE`` input rows (the decode dominates): each tile of ``TILE`` decoded rows
+    is multiplied ``ROWS`` weight rows by ``TOKENS`` input rows at a time (``dot``), so each
+    vector load feeds several multiply-adds. From ``LARGE`` on (the input no longer stays in
+    cache while every tile reads it): the input is first packed into panels of ``PANEL``
+    tokens (``[panels, cols, PANEL]``); each tile of ``BIG_TILE`` decoded rows then multiplies
+    every panel ``PANEL_ROWS`` rows at a time (``panel_dot``): per column, ``PANEL / 8``
+    vector loads of tokens and one broadcast weight per row feed ``PANEL_ROWS x PANEL / 8``
+    vector multiply-adds into register accumulators, with no horizontal sums."""
     decode_row = _decoder(s)
     whole = s.cols // LANES * LANES
     tiles = -(-s.rows // TILE)
+    big_tiles = -(-s.rows // BIG_TILE)
+
+    @T.macro
+    def panel_dot(y, xt, w, bias, n, b, t, r):
+        """``y[b * PANEL + k, t * BIG_TILE + r + m] = x[b * PANEL + k] . w[r + m] + bias`` for
+        the panel's tokens below ``n`` and ``m < PANEL_ROWS``."""
+        acc = T.alloc_buffer((PANEL_ROWS, PANEL), "float32", annotations=ON_STACK)
+        for m in T.unroll(PANEL_ROWS):
+            for k in T.vectorized(PANEL):
+                acc[m, k] = T.float32(0)
+        for c in range(s.cols):
+            for m in T.unroll(PANEL_ROWS):
+                for k in T.vectorized(PANEL):
+                    acc[m, k] = acc[m, k] + w[r + m, c] * xt[b, c, k]
+        for m in T.unroll(PANEL_ROWS):
+            row = t * BIG_TILE + r + m
+            if row < s.rows:
+                for k in range(PANEL):
+                    if b * PANEL + k < n:
+                        y[b * PANEL + k, row] = acc[m, k] + bias[row]
 
     @T.macro
     def dot(y, x, w, bias, i, count, t, r):
@@ -161,18 +196,36 @@ def codebook_linear(s: CodedShape):
         n = T.int64()
         x = T.match_buffer(var_x, (n, s.cols), "float32")
         y = T.match_buffer(var_y, (n, s.rows), "float32")
-        for t in T.parallel(tiles):
-            # a tile of decoded rows; each input row is read once per tile, from L1
-            w = T.alloc_buffer((TILE, s.cols), "float32")
-            for r in range(TILE):
-                if t * TILE + r < s.rows:
-                    decode_row(w, r, codes, codebook, group, scales, offsets, t * TILE + r)
-            for b in range(n // TOKENS):
-                for r in range(TILE // ROWS):
-                    dot(y, x, w, bias, b * TOKENS, T.int64(TOKENS), t, r * ROWS)
-            if n % TOKENS > 0:
-                for r in range(TILE // ROWS):
-                    dot(y, x, w, bias, n // TOKENS * TOKENS, n % TOKENS, t, r * ROWS)
+        if n < LARGE:
+            for t in T.parallel(tiles):
+                # a tile of decoded rows; each input row is read once per tile, from L1
+                w = T.alloc_buffer((TILE, s.cols), "float32")
+                for r in range(TILE):
+                    if t * TILE + r < s.rows:
+                        decode_row(w, r, codes, codebook, group, scales, offsets, t * TILE + r)
+                for b in range(n // TOKENS):
+                    for r in range(TILE // ROWS):
+                        dot(y, x, w, bias, b * TOKENS, T.int64(TOKENS), t, r * ROWS)
+                if n % TOKENS > 0:
+                    for r in range(TILE // ROWS):
+                        dot(y, x, w, bias, n // TOKENS * TOKENS, n % TOKENS, t, r * ROWS)
+        else:
+            # xt[b, c, k] = x[b * PANEL + k, c], zero past the last token
+            xt = T.alloc_buffer(((n + PANEL - 1) // PANEL, s.cols, PANEL), "float32")
+            for b in T.parallel((n + PANEL - 1) // PANEL):
+                for c in range(s.cols):
+                    for k in range(PANEL):
+                        i = b * PANEL + k
+                        xt[b, c, k] = T.if_then_else(i < n, x[T.min(i, n - 1), c], T.float32(0))
+            for t in T.parallel(big_tiles):
+                # past the last weight row, the last row again (its outputs are not stored)
+                w = T.alloc_buffer((BIG_TILE, s.cols), "float32")
+                for r in range(BIG_TILE):
+                    row = T.min(t * BIG_TILE + r, s.rows - 1)
+                    decode_row(w, r, codes, codebook, group, scales, offsets, row)
+                for b in range((n + PANEL - 1) // PANEL):
+                    for r in range(BIG_TILE // PANEL_ROWS):
+                        panel_dot(y, xt, w, bias, n, b, t, r * PANEL_ROWS)
 
     return kernel
 

@@ -122,10 +122,15 @@ def test_kernels_every_bit_width_odd_shapes(bits, tmp_path):
     coded = quantize.quantize(model, config, x, progress=False)
     assert isinstance(coded[0], CodebookLinear)
     _host_parity(coded, x, torch.randn(7, 37), tmp_path / "bundle")
+    # from LARGE input rows on, the linear kernel packs its input into panels of PANEL tokens
+    big = torch.randn(tvm_kernels.LARGE + tvm_kernels.PANEL // 2 + 1, 37)  # a ragged panel
+    (value,) = runtime.load(tmp_path / "bundle").run([big.numpy()]).values()
+    ref = _reference(coded, big)
+    assert np.abs(value - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
 def test_linear_kernel_never_builds_the_weight():
-    """The kernel's only buffers are a row of weights and the accumulators."""
+    """The kernel's buffers are a tile of weight rows, the packed input and accumulators."""
     shape = tvm_kernels.CodedShape(
         rows=512,
         cols=256,
