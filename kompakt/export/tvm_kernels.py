@@ -1,8 +1,8 @@
 """TIR kernels that read Codebook layers' packed codes directly.
 
-Each kernel decodes one weight row at a time into a small buffer (``cols`` floats) from the
-packed codes, the fp16 codebook and the optional fp16 scales and offsets, and uses it at
-once; the dense float weight matrix is never materialised. The bit layout is that of
+Each kernel decodes weight rows into a small buffer (a tile of rows for the linear kernel,
+one row for a lookup) from the packed codes, the fp16 codebook and the optional fp16 scales
+and offsets, and uses them at once; the dense float weight matrix is never materialised. The bit layout is that of
 :mod:`kompakt.compress.quantize.packing`: code ``k`` of a row starts at bit ``k * bits`` of
 the row's little-endian bytes.
 
