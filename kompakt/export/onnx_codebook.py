@@ -42,15 +42,16 @@ class _Lowering:
         from onnxscript import opset18
 
         self.op = opset18
-        self._graphs: dict[int, tuple[object, dict, dict]] = {}
+        self._graphs: dict[int, tuple[object, dict]] = {}  # graph id -> (graph, constants)
+        self._floats: dict[int, tuple] = {}  # a tensor's cast, in the tensor's own graph
 
     def _enter(self, codes) -> None:
         """Use the constants of the graph that holds ``codes`` (an initializer or input)."""
         graph = codes.graph
         assert graph is not None, "the exporter gave a Codebook tensor outside any graph"
         if id(graph) not in self._graphs:  # the graph is kept, so its id stays its own
-            self._graphs[id(graph)] = (graph, {}, {})
-        _, self._constants, self._floats = self._graphs[id(graph)]
+            self._graphs[id(graph)] = (graph, {})
+        self._constants = self._graphs[id(graph)][1]
 
     def const(self, values, dtype):
         array = np.asarray(values, dtype=dtype)

@@ -93,11 +93,12 @@ def _alike(layers: list[nn.Module]) -> bool:
     if not any(isinstance(m, Fused) for m in first.modules()):
         return False  # dense layers stay unrolled: their weights would be sliced on every call
     tensors = [_tensors(layer) for layer in layers]
+    attributes = _attributes(first)
     for layer, own in zip(layers[1:], tensors[1:], strict=True):
         if type(layer) is not type(first) or list(own) != list(tensors[0]):
             return False
         try:
-            if _attributes(layer) != _attributes(first):
+            if _attributes(layer) != attributes:
                 return False
         except Exception:  # an attribute that cannot be compared: keep the layers apart
             return False
