@@ -96,8 +96,8 @@ def create_session(
     """An onnxruntime CPU session. ``no_folding`` (models with Codebook layers): ConstantFolding
     off, so packed codes are not expanded to dense weights, and no memory pattern (planned
     for the largest shapes); the memory arena stays, reusing each decode's buffers for the
-    next (SmolLM2 JLCM 3-bit, batch 1 x 128 tokens: peak RSS 272 MB with the arena, 564 MB
-    without, where the C allocator keeps freed decode buffers).
+    next (without it the C allocator keeps freed decode buffers: about twice the peak for
+    SmolLM2 JLCM 3-bit at batch 1 x 128 tokens).
     ``save_optimized``: also write the model there after onnxruntime's basic (hardware
     independent, standard-op) optimizations, in ORT format for a ``.ort`` suffix."""
     import onnxruntime as ort
