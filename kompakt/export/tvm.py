@@ -75,7 +75,7 @@ def _kernel(kind: str, shape):
     return (tvm_kernels.codebook_linear if kind == "linear" else tvm_kernels.codebook_rows)(shape)
 
 
-def _coded_shape(node):
+def _coded_shape(node, permute: bool):
     from kompakt.export.tvm_kernels import CodedShape
 
     # both ops: (input, codes, codebook, group, scales, ...)
@@ -93,14 +93,15 @@ def _coded_shape(node):
         block=block,
         has_scales=has_scales,
         has_offsets=has_offsets,
+        permute=permute,
     )
 
 
-def _lower(kind: str, tensors: int):
+def _lower(kind: str, tensors: int, permute: bool):
     def convert(node, importer):
         from tvm import relax
 
-        shape = _coded_shape(node)
+        shape = _coded_shape(node, permute)
         args = [importer.env[a] for a in node.args[:tensors]]
         n = args[0].ty.shape[0]
         out = (n, shape.rows) if kind == "linear" else (n, shape.cols)
@@ -112,17 +113,19 @@ def _lower(kind: str, tensors: int):
     return convert
 
 
-def _convert_map() -> dict[str, Any]:
+def _convert_map(target: Target) -> dict[str, Any]:
+    """The kernels decode with AVX2's permute where the target's ``mattr`` lists ``+avx2``."""
+    permute = "+avx2" in target.tvm.get("mattr", [])
     return {
-        "codebook_linear.default": _lower("linear", 7),
-        "codebook_rows.default": _lower("rows", 6),
+        "codebook_linear.default": _lower("linear", 7, permute),
+        "codebook_rows.default": _lower("rows", 6, permute),
     }
 
 
 # ---- export ----------------------------------------------------------------------------
 
 
-def _to_relax(prepared: nn.Module, inputs, dynamic: bool, label: str):
+def _to_relax(prepared: nn.Module, inputs, dynamic: bool, target: Target, label: str):
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -136,7 +139,7 @@ def _to_relax(prepared: nn.Module, inputs, dynamic: bool, label: str):
         raise KompaktError(f"TVM export of {label}: torch.export failed: {first}") from e
     try:
         mod = from_exported_program(
-            program, keep_params_as_input=True, custom_convert_map=_convert_map()
+            program, keep_params_as_input=True, custom_convert_map=_convert_map(target)
         )
     except Exception as e:  # an op the Relax importer has no converter for, mostly
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -268,7 +271,7 @@ def export_tvm(
     prepared, coded = _prepared(model)
     wrapper = Outputs(prepared, language_model).eval()
     start = time.perf_counter()
-    mod, params = _to_relax(wrapper, inputs, dynamic, label)
+    mod, params = _to_relax(wrapper, inputs, dynamic, spec, label)
     executable = _compile(mod, spec, tune, tune_dir, label)
     compile_seconds = time.perf_counter() - start
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,9 @@ PANEL_ROWS = 6
 BIG_TILE = 48
 """Large inputs: weight rows decoded together (kept in L2; each input panel is read once per
 tile)."""
-LARGE = 64
-"""Input rows from which ``codebook_linear`` packs its input into panels."""
+LARGE = PANEL
+"""Input rows from which ``codebook_linear`` packs its input into panels (below one full
+panel, the row-by-row dot wastes no multiply-adds on padding tokens)."""
 ON_STACK = {"disable_lower_builtin": True}
 """For a small per-thread buffer: a stack array that LLVM can keep in registers, where TVM
 would otherwise allocate it from its workspace pool on every iteration of the parallel loop
@@ -57,22 +58,42 @@ class CodedShape:
     block: int
     has_scales: bool
     has_offsets: bool
+    permute: bool = False  # the target has AVX2: decode 8 codes at a time with vpermps
 
 
 def _decoder(s: CodedShape):
     """A TIR macro ``decode_row(dst, r, codes, codebook, group, scales, offsets, row)`` that
     writes weight row ``row`` into ``dst[r, :]``.
 
-    The row's codebook is first converted to a float32 table; codes are then read a packing
-    chunk at a time (``8 / gcd(bits, 8)`` codes in ``bits * n / 8`` bytes, one 64-bit word),
-    with the chunk loops unrolled so every shift is a constant; scales and offsets apply per
-    block of columns."""
+    The row's codebook is first converted to a float32 table. With ``s.permute`` and at most
+    4 bits (at most 16 entries), each 8 codes (``bits`` bytes, one 32-bit word) become one
+    vector of weights: the word is shifted per lane and masked into 8 indices, which AVX2's
+    ``vpermps`` looks up in the table held in a register (two lookups and a blend for 16
+    entries). The rest of the row, or all of it otherwise, is read a packing chunk at a time
+    (``8 / gcd(bits, 8)`` codes in ``bits * n / 8`` bytes, one 64-bit word), with the chunk
+    loops unrolled so every shift is a constant. Scales and offsets apply per block of
+    columns."""
     mask = (1 << s.bits) - 1
     per_chunk = 8 // math.gcd(s.bits, 8)
     chunk_bytes = s.bits * per_chunk // 8
     chunks = s.row_bytes // chunk_bytes
     full = s.cols // per_chunk  # chunks without padding codes
     affine = s.has_scales or s.has_offsets
+    eights = s.cols // 8 if s.permute and s.bits <= 4 else 0  # 8-code groups for vpermps
+    first_chunk = eights * 8 // per_chunk  # where the chunk loop takes over
+    table_len = max(8, s.entries) if eights else s.entries
+
+    def word32(codes, row, start):
+        """The little-endian 32-bit word of bytes ``start .. start + bits - 1``."""
+        word = T.Cast("int32", codes[row, start])
+        for i in range(1, s.bits):
+            word = word | T.shift_left(T.Cast("int32", codes[row, start + i]), 8 * i)
+        return word
+
+    def permute(table, start, idx):
+        return T.call_llvm_pure_intrin(
+            "float32x8", "llvm.x86.avx2.permps", table[T.ramp(start, 1, 8)], idx
+        )
 
     @T.macro
     def put(dst, r, word, table, c, j):
@@ -83,11 +104,29 @@ def _decoder(s: CodedShape):
     @T.macro
     def decode_row(dst, r, codes, codebook, group, scales, offsets, row):
         g = group[row]
-        table = T.alloc_buffer((s.entries,), "float32", annotations=ON_STACK)
-        for e in range(s.entries):
-            table[e] = T.Cast("float32", codebook[T.min(g, s.codebooks - 1), e])
+        table = T.alloc_buffer((table_len,), "float32", annotations=ON_STACK)
+        for e in range(table_len):  # entries past K (vpermps reads 8) repeat the last one
+            table[e] = T.Cast(
+                "float32", codebook[T.min(g, s.codebooks - 1), T.min(e, s.entries - 1)]
+            )
+        if eights > 0:  # not built otherwise (wider codes overflow its 32-bit word)
+            for q in range(eights):
+                idx = T.bitwise_and(
+                    T.shift_right(
+                        T.broadcast(word32(codes, row, q * s.bits), 8), T.ramp(0, s.bits, 8)
+                    ),
+                    T.broadcast(T.int32(mask), 8),
+                )
+                if s.entries > 8:
+                    dst[r, T.ramp(q * 8, 1, 8)] = T.Select(
+                        idx > T.broadcast(T.int32(7), 8),
+                        permute(table, 8, idx),
+                        permute(table, 0, idx),
+                    )
+                else:
+                    dst[r, T.ramp(q * 8, 1, 8)] = permute(table, 0, idx)
         word = T.alloc_buffer((1,), "int64", annotations=ON_STACK)
-        for c in range(chunks):
+        for c in range(first_chunk, chunks):
             word[0] = T.int64(0)
             for i in T.unroll(chunk_bytes):
                 word[0] = word[0] | T.shift_left(
@@ -119,14 +158,14 @@ def _decoder(s: CodedShape):
 def codebook_linear(s: CodedShape):
     """``y[n, rows] = x[n, cols] @ decode(codes).T + bias``, tiles of rows in parallel.
 
-    Fewer than ``LARGE`` input rows (the decode dominates): each tile of ``TILE`` decoded rows
-    is multiplied ``ROWS`` weight rows by ``TOKENS`` input rows at a time (``dot``), so each
-    vector load feeds several multiply-adds. From ``LARGE`` on (the input no longer stays in
-    cache while every tile reads it): the input is first packed into panels of ``PANEL``
-    tokens (``[panels, cols, PANEL]``); each tile of ``BIG_TILE`` decoded rows then multiplies
-    every panel ``PANEL_ROWS`` rows at a time (``panel_dot``): per column, ``PANEL / 8``
-    vector loads of tokens and one broadcast weight per row feed ``PANEL_ROWS x PANEL / 8``
-    vector multiply-adds into register accumulators, with no horizontal sums."""
+    Fewer than ``LARGE`` input rows: each tile of ``TILE`` decoded rows is multiplied ``ROWS``
+    weight rows by ``TOKENS`` input rows at a time (``dot``), so each vector load feeds
+    several multiply-adds. From ``LARGE`` on: the input is first packed into panels of
+    ``PANEL`` tokens (``[panels, cols, PANEL]``); each tile of ``BIG_TILE`` decoded rows then
+    multiplies every panel ``PANEL_ROWS`` rows at a time (``panel_dot``): per column,
+    ``PANEL / 8`` vector loads of tokens and one broadcast weight per row feed
+    ``PANEL_ROWS x PANEL / 8`` vector multiply-adds into register accumulators, with no
+    horizontal sums."""
     decode_row = _decoder(s)
     whole = s.cols // LANES * LANES
     tiles = -(-s.rows // TILE)

@@ -181,9 +181,10 @@ def run_bundle(
     fresh runner process for ``arch`` (``aarch64``: under qemu on other hosts; ``host``).
 
     Returns the outputs of the last run (named as in the bundle's manifest, else
-    ``output_0``, ...) and ``{"median_ms", "runs", "peak_rss_bytes", "ms", "emulated"}``
-    (``ms``: each run's time, in order); under qemu the times are not the device's.
-    ``threads``: the TVM runtime's thread count (default: one per core).
+    ``output_0``, ...) and ``{"median_ms", "runs", "threads", "peak_rss_bytes", "ms",
+    "emulated"}`` (``ms``: each run's time, in order); under qemu the times are not the
+    device's. ``threads``: the TVM runtime's worker threads (default: ``TVM_NUM_THREADS``,
+    else one per core the runner may use).
     """
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / "model.so").is_file():

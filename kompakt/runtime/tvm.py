@@ -61,8 +61,19 @@ def input_specs(manifest: dict[str, Any]) -> list[TensorSpec]:
     ]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class TvmSession:
-    """A bundle loaded into a Relax VM; ``run`` returns ``{output name: array}``."""
+    """A bundle loaded into a Relax VM; ``run`` returns ``{output name: array}``.
+
+    ``threads``: TVM's worker threads, else ``TVM_NUM_THREADS``, else one per core this
+    process may run on (TVM's own default halves the core count on x86). TVM starts its
+    thread pool once per process: the first session to run sets it for all."""
 
     def __init__(self, bundle: str | os.PathLike[str], threads: int | None = None) -> None:
         import tvm
@@ -72,6 +83,8 @@ class TvmSession:
         manifest = host_manifest(self.path)
         if threads:
             os.environ["TVM_NUM_THREADS"] = str(threads)
+        else:
+            os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
         library = tvm.runtime.load_module(str(self.path / manifest["library"]))
         self._device = tvm.cpu()
         self._vm = relax.VirtualMachine(library, self._device)

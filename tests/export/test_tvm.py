@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from kompakt.export import tvm_kernels
 from kompakt.models.registry import build, register
 from kompakt.runtime import runner
 from kompakt.runtime.tensorfile import read_tensors
+from kompakt.runtime.tvm import usable_cores
 from tests.export.test_onnx import _boosted_cnn, _coded_cnn, _images, _pruned_cnn
 from tests.models import tiny_cnn, tiny_llama
 
@@ -129,6 +132,43 @@ def test_kernels_every_bit_width_odd_shapes(bits, tmp_path):
     assert np.abs(value - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kernels_without_avx2_decode_a_chunk_at_a_time(bits, tmp_path):
+    """A target without AVX2 (plain x86-64) gets the scalar decode, not ``vpermps``."""
+    torch.manual_seed(bits)
+    model = build("test_linear_stack")
+    x = torch.randn(4, 37)
+    config = quantize.QuantizeConfig(method="rtn", bits=bits, block=16)
+    coded = quantize.quantize(model, config, x, progress=False)
+    report = export.tvm(coded, x, tmp_path / "b", target='{"kind": "llvm"}')
+    assert report["validation"]["valid"], report["validation"]
+    big = torch.randn(tvm_kernels.LARGE + 3, 37)
+    (value,) = runtime.load(tmp_path / "b").run([big.numpy()]).values()
+    ref = _reference(coded, big)
+    assert np.abs(value - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_vector_decode_only_where_asked():
+    shape = tvm_kernels.CodedShape(
+        rows=16,
+        cols=40,
+        bits=4,
+        row_bytes=20,
+        codebooks=2,
+        entries=16,
+        scale_rows=1,
+        blocks=1,
+        block=40,
+        has_scales=False,
+        has_offsets=False,
+    )
+    assert "permps" not in tvm_kernels.codebook_linear(shape).script()
+    permuted = tvm_kernels.codebook_rows(dataclasses.replace(shape, permute=True)).script()
+    assert permuted.count("llvm.x86.avx2.permps") == 2  # 16 entries: two lookups, one blend
+    wide = dataclasses.replace(shape, bits=5, entries=32, row_bytes=25, permute=True)
+    assert "permps" not in tvm_kernels.codebook_linear(wide).script()  # over 16 entries
+
+
 def test_linear_kernel_never_builds_the_weight():
     """The kernel's buffers are a tile of weight rows, the packed input and accumulators."""
     shape = tvm_kernels.CodedShape(
@@ -223,15 +263,20 @@ def test_bundle_runtime_imports_neither_torch_nor_compress_and_benches(tmp_path)
     export.tvm(tiny_cnn(), _images(2), tmp_path / "b")
     # as on a device without torch (tvm_ffi imports torch whenever it can, so block it)
     code = (
-        "import sys, numpy as np\n"
+        "import sys, numpy as np, tvm_ffi\n"
         "sys.modules['torch'] = None\n"
         "from kompakt import runtime\n"
         f"s = runtime.load({str(tmp_path / 'b')!r})\n"
         "print(s.run({'input': np.zeros((1, 1, 28, 28), np.float32)})['output'].shape)\n"
-        "print(sorted(m for m in sys.modules if m.startswith('kompakt.compress')))"
+        "print(sorted(m for m in sys.modules if m.startswith('kompakt.compress')))\n"
+        "print(tvm_ffi.get_global_func('runtime.NumThreads')())"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-2:] == ["(1, 10)", "[]"]
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    # one TVM thread per core (TVM alone takes half of them on x86)
+    assert done.stdout.strip().splitlines()[-3:] == ["(1, 10)", "[]", str(usable_cores())]
     result = bench(tmp_path / "b", [1, 3], repeats=3, warmup=1)
     assert [r["batch"] for r in result["latency"]] == [1, 3]
     assert all(r["p50_ms"] <= r["p99_ms"] for r in result["latency"])

@@ -9,6 +9,7 @@ import torch
 from kompakt.errors import KompaktError
 from kompakt.runtime import runner
 from kompakt.runtime.tensorfile import write_tensors
+from kompakt.runtime.tvm import usable_cores
 
 TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 
@@ -76,8 +77,9 @@ def test_missing_runtime_says_what_to_run(tmp_path, monkeypatch):
         runner.build_runner()
 
 
-def test_host_runner_matches_the_aarch64_one(bundle, tmp_path):
-    """The same runner source built for the host runs a host bundle in a torch-free process."""
+def test_host_runner_matches_the_aarch64_one(bundle, tmp_path, monkeypatch):
+    """The same runner source built for the host runs a host bundle in a torch-free process,
+    with one TVM thread per core unless told otherwise."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -90,8 +92,11 @@ def test_host_runner_matches_the_aarch64_one(bundle, tmp_path):
         tmp_path / "params.ktns", {f"p{i}": p.numpy() for i, p in enumerate(params["main"])}
     )
     x = np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32)
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     outputs, timing = runner.run_bundle(tmp_path, {"x": x}, repeat=2, arch="host")
     np.testing.assert_allclose(
         outputs["output_0"], model(torch.from_numpy(x))[0].detach().numpy(), atol=1e-5
     )
     assert not timing["emulated"] and timing["peak_rss_bytes"] > 0
+    assert timing["threads"] == usable_cores()  # TVM alone takes half of them on x86
+    assert runner.run_bundle(tmp_path, {"x": x}, arch="host", threads=1)[1]["threads"] == 1

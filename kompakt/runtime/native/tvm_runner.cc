@@ -4,8 +4,10 @@
 //
 // Loads BUNDLE_DIR/model.so (a Relax executable), calls main(inputs..., params...) N times
 // (default 1), writes the outputs of the last call as output_0, output_1, ... to OUTPUTS.ktns
-// and prints {"median_ms": ..., "runs": N, "peak_rss_bytes": ..., "ms": [each call, in order]}
+// and prints {"median_ms": ..., "runs": N, "threads": TVM's worker threads, "peak_rss_bytes": ...,
+// "ms": [each call, in order]}
 // on stdout (peak RSS: the process's VmHWM; under qemu that of the emulator). KTNS is described in docs/formats.md.
+// Threads: TVM_NUM_THREADS, else one per core the process may run on.
 // Errors go to stderr with exit code 1 (2 for bad usage).
 
 #include <dlpack/dlpack.h>
@@ -29,6 +31,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <sched.h>
 
 namespace ffi = tvm::ffi;
 
@@ -181,6 +185,12 @@ ffi::Function GetFunction(const ffi::Module& mod, const std::string& name) {
   return *f;
 }
 
+ffi::Function GetGlobal(const std::string& name) {
+  auto f = ffi::Function::GetGlobal(name);
+  if (!f) throw Failure("the TVM runtime has no function " + name);
+  return *f;
+}
+
 long long PeakRssBytes() {
   std::ifstream status("/proc/self/status");
   std::string line;
@@ -189,7 +199,18 @@ long long PeakRssBytes() {
   return -1;
 }
 
+// One TVM worker thread per core this process may run on, unless TVM_NUM_THREADS says
+// otherwise: TVM's own default halves the core count on x86 (it assumes two hardware
+// threads per core), which leaves half of a machine without them idle.
+void DefaultThreadsToCores() {
+  if (std::getenv("TVM_NUM_THREADS") != nullptr) return;
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) != 0) return;
+  setenv("TVM_NUM_THREADS", std::to_string(CPU_COUNT(&cpus)).c_str(), 1);
+}
+
 int Run(int argc, char** argv) {
+  DefaultThreadsToCores();
   std::vector<std::string> args(argv + 1, argv + argc);
   int repeat = 1;
   auto flag = std::find(args.begin(), args.end(), "--repeat");
@@ -245,8 +266,11 @@ int Run(int argc, char** argv) {
   std::sort(ms.begin(), ms.end());
   size_t mid = ms.size() / 2;
   double median = ms.size() % 2 ? ms[mid] : (ms[mid - 1] + ms[mid]) / 2;
-  std::printf("{\"median_ms\": %.6g, \"runs\": %d, \"peak_rss_bytes\": %lld, \"ms\": [%s]}\n",
-              median, repeat, PeakRssBytes(), each.str().c_str());
+  int threads = GetGlobal("runtime.NumThreads")().cast<int>();
+  std::printf(
+      "{\"median_ms\": %.6g, \"runs\": %d, \"threads\": %d, \"peak_rss_bytes\": %lld, "
+      "\"ms\": [%s]}\n",
+      median, repeat, threads, PeakRssBytes(), each.str().c_str());
   return 0;
 }
 
