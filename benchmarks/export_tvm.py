@@ -89,7 +89,7 @@ def tvm_runner(bundle: Path, example: torch.Tensor, batches, repeats: int) -> di
         _, timing = runner.run_bundle(bundle, {"input": x}, repeat=repeats, arch="host")
         latency[b] = timing["median_ms"]
         peak = max(peak, timing["peak_rss_bytes"])
-    return {"latency": latency, "peak_rss_bytes": peak}
+    return {"latency": latency, "peak_rss_bytes": peak, "threads": timing["threads"]}
 
 
 def ort_bench(path: Path, repeats: int) -> dict:
@@ -142,6 +142,7 @@ def measure(label, model, example, work: Path, args, tune: bool, artifact: str |
         {
             **base,
             "runtime": "TVM untuned",
+            "threads": r["threads"],
             "latency_ms": r["latency"],
             "peak_rss_mb": r["peak_rss_bytes"] / 1e6,
             "compile_s": report["compile_seconds"],
@@ -169,6 +170,7 @@ def measure(label, model, example, work: Path, args, tune: bool, artifact: str |
             {
                 **base,
                 "runtime": f"TVM tuned ({args.tune} trials per task)",
+                "threads": r["threads"],
                 "latency_ms": latency,
                 "peak_rss_mb": peak / 1e6,
                 "compile_and_tune_s": seconds,

@@ -97,6 +97,7 @@ def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> d
             steps=args.steps,
             block_epochs=args.block_epochs,
             block_lr=args.block_lr,
+            block_map_lr=args.block_map_lr,
         )
         model = quantize_checkpoint(ckpt, config, windows["valid"], progress=False)
         metrics = kompakt.artifact.record_of(model).steps[-1]["metrics"]
@@ -135,6 +136,7 @@ def main() -> None:
         "--block-epochs", type=int, default=QuantizeConfig.block_epochs, help="jlcm block phase"
     )
     parser.add_argument("--block-lr", type=float, default=QuantizeConfig.block_lr)
+    parser.add_argument("--block-map-lr", type=float, default=QuantizeConfig.block_map_lr)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "quantize_llm")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -155,6 +157,7 @@ def main() -> None:
         "jlcm_steps": args.steps,
         "jlcm_block_epochs": args.block_epochs,
         "jlcm_block_lr": args.block_lr,
+        "jlcm_block_map_lr": args.block_map_lr,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for run in args.runs.split(","):
@@ -169,6 +172,8 @@ def main() -> None:
             str(args.block_epochs),
             "--block-lr",
             str(args.block_lr),
+            "--block-map-lr",
+            str(args.block_map_lr),
             "--threads",
             str(args.threads),
         ]

@@ -101,6 +101,7 @@ def _compress_quantize(args: argparse.Namespace) -> int:
         "steps",
         "block_epochs",
         "block_lr",
+        "block_map_lr",
         "skip",
     )
     fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -381,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
         "block's output and the head's logits; default: 4; 0 skips it)",
     )
     p.add_argument("--block-lr", type=float, help="jlcm block phase learning rate (default: 0.001)")
+    p.add_argument(
+        "--block-map-lr",
+        type=float,
+        help="jlcm block phase: step of the mappings' latent weights, a fraction of each "
+        "layer's weight spread (default: 0.01; 0 keeps the codes)",
+    )
     p.add_argument("--skip", nargs="+", help="module names or patterns to keep dense")
     p.add_argument(
         "--calib",

@@ -1,18 +1,29 @@
-"""JLCM's block phase: the codebooks of a transformer block learned together on its output.
+"""JLCM's block phase: a transformer block's codebooks and mappings learned together on its
+output.
 
 After each layer of a block is coded on its own (:mod:`.jlcm`, one layer's output error), the
-block's codebooks are learned jointly by gradient descent on the block's output error over
-the calibration windows, the codes held fixed: the decoded weights ``codebook[g(r), code]``
-are differentiable in the codebook values, so Adam moves each codeword by the gradient of
+block's codebooks and mappings are learned jointly by gradient descent on the block's output
+error over the calibration windows,
 
     mean || block_q(x_q) - block_fp(x_fp) ||^2
 
 where ``x_q`` are the hidden states of the quantized model so far and ``x_fp`` those of the
-fp model: a block also learns to undo the error of the blocks before it. The codebooks are
-rounded to fp16 (their stored precision) and kept only if the block's error over all
-calibration windows went down, so the phase never makes a block worse. The LM head's
-codebooks are learned the same way on the KL divergence of its next-token distribution to the
-fp head's (:func:`logits_kl`).
+fp model: a block also learns to undo the error of the blocks before it.
+
+- Codebooks: the decoded weights ``codebook[g(r), code]`` are differentiable in the codebook
+  values, so Adam moves each codeword by the gradient summed over its weights.
+- Mappings (the proximal straight-through rule on the block's loss): every weight has a
+  latent value, starting at its decoded value, which receives the gradient of its decoded
+  weight (straight through the lookup) and moves by Adam at ``map_lr`` times the layer's
+  weight spread per step; after each step the weight takes the codeword nearest its latent
+  value. A code thus changes only when its latent value crosses the midpoint to a
+  neighbouring codeword: weights move to neighbouring codewords, and farther only under a
+  sustained gradient, never jumping to the codebook's extremes.
+
+The codebooks are rounded to fp16 (their stored precision), the codes re-read against them,
+and both are kept only if the loss over all calibration windows went down, so the phase never
+makes a block worse. The LM head is learned the same way on the KL divergence of its
+next-token distribution to the fp head's (:func:`logits_kl`).
 """
 
 from __future__ import annotations
@@ -24,25 +35,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kompakt.compress.quantize.codebooks import nearest_codes
 from kompakt.compress.quantize.layers import CodedLayer
-from kompakt.compress.quantize.packing import unpack_codes
+from kompakt.compress.quantize.packing import pack_codes, unpack_codes
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _Learned:
-    """One coded layer's codebook as a learnable fp32 tensor, and its fixed codes."""
+    """One coded layer's codebook as a learnable fp32 tensor, its codes, and (when mappings
+    are learned) the latent value of each weight."""
 
-    def __init__(self, layer: CodedLayer) -> None:
+    def __init__(self, layer: CodedLayer, mappings: bool) -> None:
         lay = layer.layout
         self.layer = layer
         self.codes = unpack_codes(layer.codes, lay.bits, lay.cols)
         self.group = layer.group_of_rows()
         self.codebook = nn.Parameter(layer.codebook.float())
+        start = self.values(self.codebook.detach())
+        self.latent = nn.Parameter(start.clone()) if mappings else None
+        self.spread = float(start.std())
+
+    def values(self, codebook: torch.Tensor) -> torch.Tensor:
+        return codebook[self.group].gather(1, self.codes)
 
     def decode(self, codebook: torch.Tensor) -> None:
-        """Make the layer compute with ``codebook`` (its ``decoded_weights`` cache)."""
-        self.layer.__dict__["_dense"] = codebook[self.group].gather(1, self.codes)
+        """Make the layer compute with ``codebook`` (its ``decoded_weights`` cache); the
+        gradient of each decoded weight also reaches its latent value (straight through)."""
+        dense = self.values(codebook)
+        if self.latent is not None:
+            dense = dense + (self.latent - self.latent.detach())
+        self.layer.__dict__["_dense"] = dense
+
+    def remap(self, codebook: torch.Tensor) -> None:
+        """Every weight takes the codeword of ``codebook`` nearest its latent value."""
+        if self.latent is not None:
+            self.codes = nearest_codes(self.latent.detach(), codebook[self.group])
 
 
 def tune_codebooks(
@@ -53,13 +81,16 @@ def tune_codebooks(
     epochs: int,
     lr: float,
     batch: int,
+    map_lr: float = 0.0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Learn the codebooks of ``layers`` (which ``forward`` computes with) by Adam on
-    ``loss(forward(inputs[index]), index)``, mean over the calibration windows ``inputs``;
-    returns that loss before and after (the codebooks are kept only if it went down)."""
-    learned = [_Learned(layer) for layer in layers if layer.scales is None]
+    ``loss(forward(inputs[index]), index)``, mean over the calibration windows ``inputs``, and
+    with ``map_lr > 0`` their mappings too; returns that loss before and after (the result is
+    kept only if it went down) and the fraction of codes that changed."""
+    learned = [_Learned(layer, map_lr > 0) for layer in layers if layer.scales is None]
     batches = list(torch.arange(len(inputs)).split(batch))
+    start_codes = [item.codes for item in learned]
 
     def total(codebooks: list[torch.Tensor]) -> float:
         with torch.no_grad():
@@ -67,9 +98,15 @@ def tune_codebooks(
                 item.decode(codebook)
             return sum(float(loss(forward(inputs[i]), i)) * len(i) for i in batches) / len(inputs)
 
+    groups = [{"params": [item.codebook for item in learned], "lr": lr}]
+    groups += [
+        {"params": [item.latent], "lr": map_lr * item.spread}
+        for item in learned
+        if item.latent is not None
+    ]
     try:
         before = total([item.codebook.detach() for item in learned])
-        optimizer = torch.optim.Adam([item.codebook for item in learned], lr=lr)
+        optimizer = torch.optim.Adam(groups)
         generator = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
             for index in torch.randperm(len(inputs), generator=generator).split(batch):
@@ -79,15 +116,30 @@ def tune_codebooks(
                 optimizer.zero_grad()
                 value.backward()
                 optimizer.step()
+                for item in learned:
+                    item.remap(item.codebook.detach())
         tuned = [item.codebook.detach().to(torch.float16).float() for item in learned]
+        for item, codebook in zip(learned, tuned, strict=True):
+            item.remap(codebook)
         after = total(tuned)
+        changed = sum(
+            int((item.codes != c).sum()) for item, c in zip(learned, start_codes, strict=True)
+        )
+        weights = sum(c.numel() for c in start_codes)
         if after < before:
             for item, codebook in zip(learned, tuned, strict=True):
                 item.layer.codebook = codebook.to(torch.float16)
+                item.layer.codes = pack_codes(item.codes, item.layer.layout.bits)
+        else:
+            changed = 0
     finally:
         for item in learned:
             item.layer.__dict__.pop("_dense", None)
-    return {"before": before, "after": min(before, after)}
+    return {
+        "before": before,
+        "after": min(before, after),
+        "codes_changed": changed / max(weights, 1),
+    }
 
 
 def relative_mse(targets: torch.Tensor) -> Loss:

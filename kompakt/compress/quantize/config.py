@@ -36,7 +36,9 @@ class QuantizeConfig:
     steps: jlcm joint-learning steps per layer. kmeans_iters: k-means iterations.
     block_epochs, block_lr: jlcm on a decoder language model: epochs and Adam learning rate of
     the block phase (:mod:`.block_tuning`), which learns each block's codebooks together on
-    its output and the LM head's on its logits; 0 epochs skips it.
+    its output and the LM head's on its logits; 0 epochs skips it. block_map_lr: the block
+    phase's step for the mappings' latent weights, as a fraction of each layer's weight
+    spread (standard deviation); 0 keeps the codes as the per-layer phase left them.
     damp: gptq / jlcm damping of the input moments H (fraction of their mean diagonal).
     skip: module names or fnmatch patterns kept dense (e.g. ``"*.lm_head"``).
     """
@@ -49,6 +51,7 @@ class QuantizeConfig:
     steps: int = 100
     block_epochs: int = 4
     block_lr: float = 1e-3
+    block_map_lr: float = 0.01
     kmeans_iters: int = 25
     damp: float = 0.01
     skip: tuple[str, ...] = ()
@@ -72,6 +75,7 @@ class QuantizeConfig:
             self.block_epochs >= 0 and self.block_lr > 0,
             f"block_epochs must be >= 0 and block_lr > 0, got {self.block_epochs}, {self.block_lr}",
         )
+        check(self.block_map_lr >= 0, f"block_map_lr must be >= 0, got {self.block_map_lr}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     def skips(self, name: str) -> bool:

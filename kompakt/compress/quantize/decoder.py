@@ -236,10 +236,13 @@ def quantize_decoder(
                 config.block_epochs,
                 config.block_lr,
                 TUNING_BATCH,
+                config.block_map_lr,
             )
             for name in layers:
                 reports[prefix + name].update(
-                    block_error_before=result["before"], block_error_after=result["after"]
+                    block_error_before=result["before"],
+                    block_error_after=result["after"],
+                    block_codes_changed=result["codes_changed"],
                 )
         streams["hidden"] = _run_block(block, hidden, rope)
         record.plan.extend(entries)
@@ -269,8 +272,13 @@ def quantize_decoder(
                 config.block_epochs,
                 config.block_lr,
                 1,
+                config.block_map_lr,
             )
-            info.update(kl_before=result["before"], kl_after=result["after"])
+            info.update(
+                kl_before=result["before"],
+                kl_after=result["after"],
+                block_codes_changed=result["codes_changed"],
+            )
         model.lm_head = lm_head
         record.plan.append(lm_head.plan_entry("lm_head"))
         reports["lm_head"] = {**info, "bits": head_width, "seconds": time.perf_counter() - t0}

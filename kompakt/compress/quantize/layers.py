@@ -456,9 +456,10 @@ def summarize(
         "mean_layer_error": sum(errors) / len(errors) if errors else 0.0,
         "seconds": round(seconds, 2),
     }
-    # JLCM's block phase: each block's relative output error before and after it
+    # JLCM's block phase: each block's relative output error before and after it, and the
+    # fraction of its codes it changed
     blocks = [r for r in reports.values() if "block_error_before" in r]
-    for key in ("block_error_before", "block_error_after"):
+    for key in ("block_error_before", "block_error_after", "block_codes_changed"):
         if blocks:
             metrics["mean_" + key] = sum(r[key] for r in blocks) / len(blocks)
     return metrics
