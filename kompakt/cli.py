@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-map-lr",
         type=float,
         help="jlcm block phase: step of the mappings' latent weights, a fraction of each "
-        "layer's weight spread (default: 0.01; 0 keeps the codes)",
+        "layer's weight spread (default: 0, the codes stay)",
     )
     p.add_argument("--skip", nargs="+", help="module names or patterns to keep dense")
     p.add_argument(
