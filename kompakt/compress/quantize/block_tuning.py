@@ -12,7 +12,8 @@ fp model: a block also learns to undo the error of the blocks before it.
 
 - Codebooks: the decoded weights ``codebook[g(r), code]`` are differentiable in the codebook
   values, so Adam moves each codeword by the gradient summed over its weights.
-- Mappings (the proximal straight-through rule on the block's loss): every weight has a
+- Mappings, with ``map_lr > 0`` (the proximal straight-through rule on the block's loss;
+  ``QuantizeConfig.block_map_lr``, off by default): every weight has a
   latent value, starting at its decoded value, which receives the gradient of its decoded
   weight (straight through the lookup) and moves by Adam at ``map_lr`` times the layer's
   weight spread per step; after each step the weight takes the codeword nearest its latent
