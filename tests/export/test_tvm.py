@@ -115,63 +115,22 @@ def _linear_stack(cols: int = 37, rows: int = 29):
     return nn.Sequential(nn.Linear(cols, rows), nn.ReLU(), nn.Linear(rows, cols, bias=False))
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
-def test_kernels_every_bit_width_odd_shapes(bits, tmp_path):
-    """Straddling codes (3, 5, 6, 7 bits), ragged scale blocks and a dot-product tail."""
+def _coded_stack(bits):
+    """The odd-shaped linear stack, RTN-coded at ``bits``, and its example input."""
     torch.manual_seed(bits)
-    model = build("test_linear_stack")
     x = torch.randn(4, 37)
     config = quantize.QuantizeConfig(method="rtn", bits=bits, block=16)
-    coded = quantize.quantize(model, config, x, progress=False)
-    assert isinstance(coded[0], CodebookLinear)
-    _host_parity(coded, x, torch.randn(7, 37), tmp_path / "bundle")
-    # from LARGE input rows on, the linear kernel packs its input into panels of PANEL tokens
-    big = torch.randn(tvm_kernels.LARGE + tvm_kernels.PANEL // 2 + 1, 37)  # a ragged panel
-    (value,) = runtime.load(tmp_path / "bundle").run([big.numpy()]).values()
-    ref = _reference(coded, big)
+    return quantize.quantize(build("test_linear_stack"), config, x, progress=False), x
+
+
+def _assert_bundle_matches(bundle, model, x):
+    (value,) = runtime.load(bundle).run([x.numpy()]).values()
+    ref = _reference(model, x)
     assert np.abs(value - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_kernels_without_avx2_decode_a_chunk_at_a_time(bits, tmp_path):
-    """A target without AVX2 (plain x86-64) gets the scalar decode, not ``vpermps``."""
-    torch.manual_seed(bits)
-    model = build("test_linear_stack")
-    x = torch.randn(4, 37)
-    config = quantize.QuantizeConfig(method="rtn", bits=bits, block=16)
-    coded = quantize.quantize(model, config, x, progress=False)
-    report = export.tvm(coded, x, tmp_path / "b", target='{"kind": "llvm"}')
-    assert report["validation"]["valid"], report["validation"]
-    big = torch.randn(tvm_kernels.LARGE + 3, 37)
-    (value,) = runtime.load(tmp_path / "b").run([big.numpy()]).values()
-    ref = _reference(coded, big)
-    assert np.abs(value - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
-
-
-def test_vector_decode_only_where_asked():
-    shape = tvm_kernels.CodedShape(
-        rows=16,
-        cols=40,
-        bits=4,
-        row_bytes=20,
-        codebooks=2,
-        entries=16,
-        scale_rows=1,
-        blocks=1,
-        block=40,
-        has_scales=False,
-        has_offsets=False,
-    )
-    assert "permps" not in tvm_kernels.codebook_linear(shape).script()
-    permuted = tvm_kernels.codebook_rows(dataclasses.replace(shape, permute=True)).script()
-    assert permuted.count("llvm.x86.avx2.permps") == 2  # 16 entries: two lookups, one blend
-    wide = dataclasses.replace(shape, bits=5, entries=32, row_bytes=25, permute=True)
-    assert "permps" not in tvm_kernels.codebook_linear(wide).script()  # over 16 entries
-
-
-def test_linear_kernel_never_builds_the_weight():
-    """The kernel's buffers are a tile of weight rows, the packed input and accumulators."""
-    shape = tvm_kernels.CodedShape(
+def _coded_shape(**fields):
+    base = dict(
         rows=512,
         cols=256,
         bits=3,
@@ -184,7 +143,41 @@ def test_linear_kernel_never_builds_the_weight():
         has_scales=False,
         has_offsets=False,
     )
-    text = tvm_kernels.codebook_linear(shape).script()
+    return tvm_kernels.CodedShape(**{**base, **fields})
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_kernels_every_bit_width_odd_shapes(bits, tmp_path):
+    """Straddling codes (3, 5, 6, 7 bits), ragged scale blocks and a dot-product tail."""
+    coded, x = _coded_stack(bits)
+    assert isinstance(coded[0], CodebookLinear)
+    _host_parity(coded, x, torch.randn(7, 37), tmp_path / "bundle")
+    # from LARGE input rows on, the linear kernel packs its input into panels of PANEL tokens
+    big = torch.randn(tvm_kernels.LARGE + tvm_kernels.PANEL // 2 + 1, 37)  # a ragged panel
+    _assert_bundle_matches(tmp_path / "bundle", coded, big)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kernels_without_avx2_decode_a_chunk_at_a_time(bits, tmp_path):
+    """A target without AVX2 (plain x86-64) gets the scalar decode, not ``vpermps``."""
+    coded, x = _coded_stack(bits)
+    report = export.tvm(coded, x, tmp_path / "b", target='{"kind": "llvm"}')
+    assert report["validation"]["valid"], report["validation"]
+    _assert_bundle_matches(tmp_path / "b", coded, torch.randn(tvm_kernels.LARGE + 3, 37))
+
+
+def test_vector_decode_only_where_asked():
+    shape = _coded_shape(rows=16, cols=40, bits=4, row_bytes=20, codebooks=2, entries=16)
+    assert "permps" not in tvm_kernels.codebook_linear(shape).script()
+    permuted = tvm_kernels.codebook_rows(dataclasses.replace(shape, permute=True)).script()
+    assert permuted.count("llvm.x86.avx2.permps") == 2  # 16 entries: two lookups, one blend
+    wide = dataclasses.replace(shape, bits=5, entries=32, row_bytes=25, permute=True)
+    assert "permps" not in tvm_kernels.codebook_linear(wide).script()  # over 16 entries
+
+
+def test_linear_kernel_never_builds_the_weight():
+    """The kernel's buffers are a tile of weight rows, the packed input and accumulators."""
+    text = tvm_kernels.codebook_linear(_coded_shape()).script()
     allocs = [line for line in text.splitlines() if "alloc_buffer" in line]
     assert allocs and all("512" not in line for line in allocs), allocs
 

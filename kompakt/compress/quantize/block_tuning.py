@@ -53,9 +53,7 @@ class _Learned:
         self.codes = unpack_codes(layer.codes, lay.bits, lay.cols)
         self.group = layer.group_of_rows()
         self.codebook = nn.Parameter(layer.codebook.float())
-        start = self.values(self.codebook.detach())
-        self.latent = nn.Parameter(start.clone()) if mappings else None
-        self.spread = float(start.std())
+        self.latent = nn.Parameter(self.values(self.codebook.detach())) if mappings else None
 
     def values(self, codebook: torch.Tensor) -> torch.Tensor:
         return codebook[self.group].gather(1, self.codes)
@@ -101,7 +99,7 @@ def tune_codebooks(
 
     groups = [{"params": [item.codebook for item in learned], "lr": lr}]
     groups += [
-        {"params": [item.latent], "lr": map_lr * item.spread}
+        {"params": [item.latent], "lr": map_lr * float(item.latent.std())}
         for item in learned
         if item.latent is not None
     ]
