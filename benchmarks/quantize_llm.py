@@ -98,6 +98,8 @@ def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> d
             block_epochs=args.block_epochs,
             block_lr=args.block_lr,
             block_map_lr=args.block_map_lr,
+            block_norms=args.block_norms,
+            damp=args.damp,
         )
         model = quantize_checkpoint(ckpt, config, windows["valid"], progress=False)
         metrics = kompakt.artifact.record_of(model).steps[-1]["metrics"]
@@ -137,6 +139,13 @@ def main() -> None:
     )
     parser.add_argument("--block-lr", type=float, default=QuantizeConfig.block_lr)
     parser.add_argument("--block-map-lr", type=float, default=QuantizeConfig.block_map_lr)
+    parser.add_argument(
+        "--block-norms",
+        action=argparse.BooleanOptionalAction,
+        default=QuantizeConfig.block_norms,
+        help="jlcm block phase also learns the norm weights",
+    )
+    parser.add_argument("--damp", type=float, default=QuantizeConfig.damp, help="gptq/jlcm damping")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "quantize_llm")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -158,6 +167,8 @@ def main() -> None:
         "jlcm_block_epochs": args.block_epochs,
         "jlcm_block_lr": args.block_lr,
         "jlcm_block_map_lr": args.block_map_lr,
+        "jlcm_block_norms": args.block_norms,
+        "damp": args.damp,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for run in args.runs.split(","):
@@ -174,6 +185,9 @@ def main() -> None:
             str(args.block_lr),
             "--block-map-lr",
             str(args.block_map_lr),
+            "--block-norms" if args.block_norms else "--no-block-norms",
+            "--damp",
+            str(args.damp),
             "--threads",
             str(args.threads),
         ]

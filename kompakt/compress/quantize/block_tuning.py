@@ -81,15 +81,18 @@ def tune_codebooks(
     lr: float,
     batch: int,
     map_lr: float = 0.0,
+    norms: list[nn.Parameter] = (),
     seed: int = 0,
 ) -> dict[str, Any]:
     """Learn the codebooks of ``layers`` (which ``forward`` computes with) by Adam on
-    ``loss(forward(inputs[index]), index)``, mean over the calibration windows ``inputs``, and
-    with ``map_lr > 0`` their mappings too; returns that loss before and after (the result is
+    ``loss(forward(inputs[index]), index)``, mean over the calibration windows ``inputs``, with
+    ``map_lr > 0`` their mappings too, and the ``norms`` (normalisation weights ``forward``
+    uses, learned in place); returns that loss before and after (the result is
     kept only if it went down) and the fraction of codes that changed."""
     learned = [_Learned(layer, map_lr > 0) for layer in layers if layer.scales is None]
     batches = list(torch.arange(len(inputs)).split(batch))
     start_codes = [item.codes for item in learned]
+    start_norms = [p.detach().clone() for p in norms]
 
     def total(codebooks: list[torch.Tensor]) -> float:
         with torch.no_grad():
@@ -98,6 +101,14 @@ def tune_codebooks(
             return sum(float(loss(forward(inputs[i]), i)) * len(i) for i in batches) / len(inputs)
 
     groups = [{"params": [item.codebook for item in learned], "lr": lr}]
+    # a norm weight moves by the same fraction of its size per step as a codeword does
+    codeword_size = sum(float(item.codebook.detach().abs().mean()) for item in learned) / max(
+        len(learned), 1
+    )
+    groups += [
+        {"params": [p], "lr": lr * float(p.detach().abs().mean()) / max(codeword_size, 1e-12)}
+        for p in norms
+    ]
     groups += [
         {"params": [item.latent], "lr": map_lr * float(item.latent.std())}
         for item in learned
@@ -131,6 +142,9 @@ def tune_codebooks(
                 item.layer.codes = pack_codes(item.codes, item.layer.layout.bits)
         else:
             changed = 0
+            with torch.no_grad():
+                for p, value in zip(norms, start_norms, strict=True):
+                    p.copy_(value)
     finally:
         for item in learned:
             item.layer.__dict__.pop("_dense", None)

@@ -17,9 +17,6 @@ import torch
 
 from kompakt.compress.quantize.layers import CodedWeight
 
-MAX_GROUPS = 1024
-"""Most neuron groups per layer (an embedding table of 49k rows gets 1024 groups of 48)."""
-
 
 def neuron_groups(w: torch.Tensor, groups: int, iters: int = 10) -> torch.Tensor:
     """The group (``0..groups-1``) of every row of ``w``, by k-means on row quantiles."""
@@ -37,8 +34,9 @@ def neuron_groups(w: torch.Tensor, groups: int, iters: int = 10) -> torch.Tensor
     for _ in range(iters):
         counts = torch.bincount(assign, minlength=groups).clamp_min(1).unsqueeze(1)
         centers = torch.zeros(groups, features.shape[1]).index_add_(0, assign, features) / counts
-        # nearest center by ||c||^2 - 2 f.c (one matrix product)
-        new = ((centers * centers).sum(1) - 2 * features @ centers.T).argmin(1)
+        # nearest center by ||c||^2 - 2 f.c, in row chunks (a token table has 6k groups)
+        norms = (centers * centers).sum(1)
+        new = torch.cat([(norms - 2 * part @ centers.T).argmin(1) for part in features.split(4096)])
         if torch.equal(new, assign):
             break
         assign = new
@@ -103,7 +101,7 @@ def codeword_sums(
 
 def group_count(rows: int, rows_per_group: int) -> int:
     """How many neuron groups a layer of ``rows`` output neurons gets."""
-    return max(1, min(rows, MAX_GROUPS, round(rows / rows_per_group)))
+    return max(1, min(rows, round(rows / rows_per_group)))
 
 
 def kmeans_coded(

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kompakt.compress.quantize.affine import gptq_coded, rtn_coded
+from kompakt.compress.quantize.affine import DAMP, gptq_coded, rtn_coded
 from kompakt.compress.quantize.calibration import output_error
 from kompakt.compress.quantize.codebooks import group_count, kmeans_coded
 from kompakt.compress.quantize.jlcm import jlcm_coded
@@ -40,7 +40,9 @@ class QuantizeConfig:
     phase's step for the mappings' latent weights, as a fraction of each layer's weight
     spread (standard deviation); 0 (the default) keeps the codes as the per-layer phase left
     them: on SmolLM2-135M with 16 calibration windows, 0.01 fitted the calibration blocks
-    better and the test perplexity worse (docs/benchmarks.md).
+    better and the test perplexity worse (docs/benchmarks.md). block_norms: the block phase
+    also learns the blocks' normalisation weights (and the head's phase the final norm's),
+    which stay dense, so this costs no storage.
     damp: gptq / jlcm damping of the input moments H (fraction of their mean diagonal).
     skip: module names or fnmatch patterns kept dense (e.g. ``"*.lm_head"``).
     """
@@ -54,8 +56,9 @@ class QuantizeConfig:
     block_epochs: int = 4
     block_lr: float = 1e-3
     block_map_lr: float = 0.0
+    block_norms: bool = True
     kmeans_iters: int = 25
-    damp: float = 0.01
+    damp: float = DAMP
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

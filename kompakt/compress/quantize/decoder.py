@@ -237,6 +237,7 @@ def quantize_decoder(
                 config.block_lr,
                 TUNING_BATCH,
                 config.block_map_lr,
+                norms=_norm_weights(block) if config.block_norms else [],
             )
             for name in layers:
                 reports[prefix + name].update(
@@ -266,13 +267,14 @@ def quantize_decoder(
                 fp_features = base.norm(streams["fp_hidden"])
             result = tune_codebooks(
                 [lm_head],
-                lm_head,
-                features,
+                lambda x: lm_head(base.norm(x)),
+                streams["hidden"],
                 logits_kl(fp_features, fp_weight),
                 config.block_epochs,
                 config.block_lr,
                 1,
                 config.block_map_lr,
+                norms=_norm_weights(base.norm) if config.block_norms else [],
             )
             info.update(
                 kl_before=result["before"],
@@ -293,6 +295,16 @@ def quantize_decoder(
         record.plan.append(base.embed_tokens.plan_entry("model.embed_tokens"))
         reports["model.embed_tokens"] = {**info, "bits": budget.low}
     return reports
+
+
+def _norm_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The normalisation weights of ``module`` (what stays dense in a quantized block)."""
+    return [
+        p
+        for m in module.modules()
+        if "norm" in type(m).__name__.lower()
+        for p in m.parameters(recurse=False)
+    ]
 
 
 def _shared_embedding(lm_head: CodedLayer, table: nn.Embedding) -> CodebookEmbedding:

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from kompakt.compress.quantize.affine import error_feedback
+from kompakt.compress.quantize.affine import DAMP, error_feedback
 from kompakt.compress.quantize.codebooks import codeword_sums, kmeans_coded, nearest_codes
 from kompakt.compress.quantize.layers import CodedWeight
 
@@ -57,7 +57,7 @@ def jlcm_coded(
     groups: int,
     steps: int,
     kmeans_iters: int = 25,
-    damp: float = 0.01,
+    damp: float = DAMP,
     feedback_start: bool = True,
 ) -> tuple[CodedWeight, dict[str, Any]]:
     """Quantize ``w`` by JLCM; returns the coded weight and the error before and after learning."""
