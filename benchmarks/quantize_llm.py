@@ -145,7 +145,7 @@ def main() -> None:
         default=QuantizeConfig.block_norms,
         help="jlcm block phase also learns the norm weights",
     )
-    parser.add_argument("--damp", type=float, default=QuantizeConfig.damp, help="gptq/jlcm damping")
+    parser.add_argument("--damp", type=float, help="gptq/jlcm damping (default: the method's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "quantize_llm")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -186,8 +186,7 @@ def main() -> None:
             "--block-map-lr",
             str(args.block_map_lr),
             "--block-norms" if args.block_norms else "--no-block-norms",
-            "--damp",
-            str(args.damp),
+            *(["--damp", str(args.damp)] if args.damp is not None else []),
             "--threads",
             str(args.threads),
         ]

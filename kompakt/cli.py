@@ -102,6 +102,8 @@ def _compress_quantize(args: argparse.Namespace) -> int:
         "block_epochs",
         "block_lr",
         "block_map_lr",
+        "block_norms",
+        "damp",
         "skip",
     )
     fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -387,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="jlcm block phase: step of the mappings' latent weights, a fraction of each "
         "layer's weight spread (default: 0, the codes stay)",
+    )
+    p.add_argument(
+        "--block-norms",
+        action=argparse.BooleanOptionalAction,
+        help="jlcm block phase: also learn the norm weights (default: on)",
+    )
+    p.add_argument(
+        "--damp",
+        type=float,
+        help="gptq/jlcm damping of the input moments, a fraction of their mean diagonal "
+        "(default: 0.01 for gptq, 0.2 for jlcm)",
     )
     p.add_argument("--skip", nargs="+", help="module names or patterns to keep dense")
     p.add_argument(

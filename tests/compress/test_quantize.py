@@ -431,9 +431,14 @@ def test_cli_compress_quantize_a_checkpoint_folder_and_an_artifact(tmp_path):
         "64",
         "--steps",
         "5",
+        "--damp",
+        "0.05",
+        "--no-block-norms",
     )
     assert result.returncode == 0, result.stderr
     assert "jlcm 10 layers" in result.stdout
+    config = kompakt.artifact.record_of(kompakt.load(tmp_path / "c")).steps[-1]["config"]
+    assert config["damp"] == 0.05 and config["block_norms"] is False
 
 
 def test_decoded_weights_cache_gives_the_same_outputs_and_is_dropped_after():

@@ -17,10 +17,9 @@ import torch
 
 from kompakt.compress.quantize.layers import CodedWeight
 
-DAMP = 0.2
-"""Default damping of the input moments, ``H + DAMP * mean(diag H) * I`` (GPTQ and JLCM): on
-SmolLM2-135M with 16 calibration windows 0.2 gave lower held-out layer errors for both and a
-lower JLCM perplexity than GPTQ's customary 0.01 (docs/benchmarks.md)."""
+GPTQ_DAMP = 0.01
+"""GPTQ's damping of the input moments, ``H + damp * mean(diag H) * I`` (its paper's value; on
+SmolLM2-135M at 3 bits 0.2 gave a worse perplexity, docs/benchmarks.md)."""
 
 
 def _grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +105,7 @@ def error_feedback(
 
 
 def gptq_coded(
-    w: torch.Tensor, h: torch.Tensor, bits: int, block: int, damp: float = DAMP
+    w: torch.Tensor, h: torch.Tensor, bits: int, block: int, damp: float = GPTQ_DAMP
 ) -> CodedWeight:
     """GPTQ with lazy batch updates; grids per ``block`` columns as in RTN, each fixed from the
     block's weights as updated when its first column is reached."""

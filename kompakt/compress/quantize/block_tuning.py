@@ -29,7 +29,7 @@ next-token distribution to the fp head's (:func:`logits_kl`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +81,7 @@ def tune_codebooks(
     lr: float,
     batch: int,
     map_lr: float = 0.0,
-    norms: list[nn.Parameter] = (),
+    norms: Sequence[nn.Parameter] = (),
     seed: int = 0,
 ) -> dict[str, Any]:
     """Learn the codebooks of ``layers`` (which ``forward`` computes with) by Adam on
