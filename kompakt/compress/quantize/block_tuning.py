@@ -29,6 +29,7 @@ next-token distribution to the fp head's (:func:`logits_kl`).
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,9 +103,7 @@ def tune_codebooks(
 
     groups = [{"params": [item.codebook for item in learned], "lr": lr}]
     # a norm weight moves by the same fraction of its size per step as a codeword does
-    codeword_size = sum(float(item.codebook.detach().abs().mean()) for item in learned) / max(
-        len(learned), 1
-    )
+    codeword_size = statistics.fmean(float(item.codebook.detach().abs().mean()) for item in learned)
     groups += [
         {"params": [p], "lr": lr * float(p.detach().abs().mean()) / max(codeword_size, 1e-12)}
         for p in norms

@@ -18,6 +18,7 @@ from kompakt.compress.quantize.layers import CodedWeight
 from kompakt.config import check
 
 METHODS = ("jlcm", "gptq", "rtn", "kmeans")
+DAMP = {"jlcm": JLCM_DAMP, "gptq": GPTQ_DAMP}  # each method's default damping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,15 +102,13 @@ def quantize_weight(
     """Run ``config.method`` on one weight matrix; returns the codes and what was measured."""
     groups = 1 if config.codebook == "tensor" else group_count(w.shape[0], config.rows_per_group)
     info: dict[str, Any] = {}
+    damp = config.damp if config.damp is not None else DAMP.get(config.method)
     if config.method == "jlcm":
-        damp = JLCM_DAMP if config.damp is None else config.damp
         coded, info = jlcm_coded(w, h, bits, groups, config.steps, config.kmeans_iters, damp)
     elif config.method == "kmeans":
         coded = kmeans_coded(w, h, bits, groups, config.kmeans_iters)
     elif config.method == "gptq" and h is not None:
-        coded = gptq_coded(
-            w, h, bits, config.block, GPTQ_DAMP if config.damp is None else config.damp
-        )
+        coded = gptq_coded(w, h, bits, config.block, damp)
     else:  # rtn, and gptq on a layer without input moments (an embedding table)
         coded = rtn_coded(w, bits, config.block)
     info["error"] = output_error(w, coded.decode(), h)
