@@ -144,13 +144,3 @@ def resolve(target: str | dict[str, Any]) -> Target:
     return Target(
         "custom", target, library="model.tar", link_note="an archive of object files to link"
     )
-
-
-def tuning_build(mod, target, _params):
-    """MetaSchedule's build of one tuning candidate, without importing TVM's tensor
-    intrinsics: parsing them takes about 30 s on 2 cores, the whole default build timeout, in
-    every fresh build worker, so every candidate failed. kompakt's models use none of them."""
-    from tvm.driver import build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)

@@ -50,6 +50,7 @@ from kompakt.export.tracing import (
     validate,
     validation_inputs,
 )
+from kompakt.export.tvm_tuning import tuned
 from kompakt.runtime.tvm import BUNDLE_FORMAT, MANIFEST, PARAMS
 
 
@@ -161,34 +162,6 @@ def _to_relax(prepared: nn.Module, inputs, dynamic: bool, target: Target, label:
     return mod, kept
 
 
-def _tuned(mod, target, trials: int, tune_dir: Path):
-    """MetaSchedule tuning, ``trials`` per task (fused operator), records in ``tune_dir``:
-    the steps of ``relax.pipeline.static_shape_tuning_pipeline``, with kompakt's builder."""
-    from tvm import relax, transform
-    from tvm.s_tir import meta_schedule as ms
-
-    from kompakt.export.targets import tuning_build
-
-    with target:
-        mod = transform.Sequential(
-            [
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(),
-                relax.pipeline.zero_pipeline(),
-            ]
-        )(mod)
-        ms.relax_integration.tune_relax(
-            mod,
-            params={},
-            target=target,
-            work_dir=str(tune_dir),
-            max_trials_global=trials * 10_000,  # only a cap: ``trials`` for every task
-            max_trials_per_task=trials,
-            builder=ms.builder.LocalBuilder(f_build=tuning_build),
-        )
-        return relax.transform.MetaScheduleApplyDatabase(str(tune_dir))(mod)
-
-
 def _compile(mod, target: Target, tune: int, tune_dir: Path | None, label: str):
     import tvm
 
@@ -198,7 +171,7 @@ def _compile(mod, target: Target, tune: int, tune_dir: Path | None, label: str):
     tvm_target = tvm.target.Target(spec)
     try:
         if tune:
-            mod = _tuned(mod, tvm_target, tune, tune_dir)
+            mod = tuned(mod, tvm_target, tune, tune_dir)
         return tvm.compile(mod, target=tvm_target)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -261,6 +234,11 @@ def export_tvm(
             f"{out_dir}: already exists; pass overwrite=True (--overwrite) or choose another path"
         )
     spec = resolve(target)
+    if tune and not spec.runs_on_host:
+        raise KompaktError(
+            f"tuning measures candidates on this machine, which cannot run {spec.name} code; "
+            "tune with target='host' or export untuned (tune=0)"
+        )
     if tune:
         dynamic = False
         tune_dir = Path(tune_dir) if tune_dir else out_dir.parent / f"{out_dir.name}-tuning"

@@ -210,6 +210,8 @@ def test_unknown_target_and_unsupported_op(tmp_path):
         export.tvm(tiny_cnn(), _images(2), tmp_path / "x", target="riscv")
     with pytest.raises(KompaktError, match="TVM JSON target"):
         export.tvm(tiny_cnn(), _images(2), tmp_path / "x", target={"mtriple": "x"})
+    with pytest.raises(KompaktError, match="cannot run aarch64-linux-gnu code"):
+        export.tvm(tiny_cnn(), _images(2), tmp_path / "x", target="aarch64-linux-gnu", tune=1)
 
     class Erfcx(nn.Module):
         def forward(self, x):
@@ -277,3 +279,38 @@ def test_bundle_runtime_imports_neither_torch_nor_compress_and_benches(tmp_path)
     assert 0 < result["peak_rss_bytes"] < 60e6
     files = ("model.so", "params.ktns")
     assert result["model_bytes"] == sum((tmp_path / "b" / f).stat().st_size for f in files)
+
+
+@pytest.mark.slow
+def test_tuning_remeasures_the_best_records(tmp_path):
+    """A record whose time in the database is a fluke (planted: 1 ps) is measured again
+    before the best schedule is chosen, side by side with the other best records."""
+    import tvm
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.s_tir import meta_schedule as ms
+
+    from kompakt.export import tvm_tuning
+
+    torch.manual_seed(0)
+    model = build("test_linear_stack").eval()
+    mod = from_exported_program(torch.export.export(model, (torch.randn(1, 37),)))
+    target = tvm.target.Target({"kind": "llvm", "num-cores": usable_cores()})
+    threads = os.environ.get("TVM_NUM_THREADS")
+    tvm_tuning.tuned(mod, target, 2, tmp_path)
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    with target:
+        lowered = tvm_tuning.tuning_module(mod)
+    tasks = [t.dispatched[0] for t in ms.relax_integration.extract_tasks(lowered, target)]
+    for task in tasks:
+        worst = database.get_top_k(database.commit_workload(task), 100)[-1]
+        fluke = ms.database.TuningRecord(
+            worst.trace, worst.workload, [1e-12], worst.target, worst.args_info
+        )
+        database.commit_tuning_record(fluke)
+    remeasured = tvm_tuning.remeasured(lowered, target, database)
+    for task in tasks:
+        records = remeasured.get_top_k(remeasured.commit_workload(task), 100)
+        stored = database.get_top_k(database.commit_workload(task), 100)
+        assert len(records) == min(len(stored), tvm_tuning.REMEASURE_TOP)
+        assert all(float(r.run_secs[0]) > 1e-9 for r in records)  # the fluke measured for real
+    assert os.environ.get("TVM_NUM_THREADS") == threads  # the measuring setting is undone
