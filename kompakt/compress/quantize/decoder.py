@@ -10,15 +10,8 @@ activations plus the already compressed blocks.
 With ``work_dir`` every finished block is written there (its tensors, the hidden states after
 it, and ``progress.json`` last, each atomically), and a later call with the same config and
 calibration resumes after the last finished block; the result is bit-identical to an
-uninterrupted run.
-
-The token table is quantized first, so that every block calibrates on the coded embeddings
-and compensates that side of the table's error. A tied embedding / ``lm_head`` table is coded
-as ``lm_head``, calibrated on the fp model's final hidden states (one fp pass over the blocks
-before the first is quantized; streamed blocks are released after it), and the embedding
-shares its codes; a resumed run codes it again the same way. An untied ``lm_head`` is
-quantized last, on the quantized model's final hidden states. With JLCM's block phase the
-head's codebooks and the final norm are then tuned on the KL of the logits to the fp model's.
+uninterrupted run. The tied input embedding / ``lm_head`` table is quantized last, as
+``lm_head`` calibrated on the final hidden states, and the embedding shares its codes.
 """
 
 from __future__ import annotations
@@ -164,9 +157,11 @@ def quantize_decoder(
     record = artifact.record_of(model)
     seq = calibration.shape[1]
     with torch.no_grad():
-        fp_embedded = base.embed_tokens(calibration).float()
-        rope = base.rotary_emb(fp_embedded[:1], torch.arange(seq)[None])
+        hidden = base.embed_tokens(calibration).float()
+        rope = base.rotary_emb(hidden[:1], torch.arange(seq)[None])
+    # JLCM's block phase matches each quantized block to the fp model's: both streams are kept
     tuning = config.method == "jlcm" and config.block_epochs > 0
+    streams = {"hidden": hidden, "fp_hidden": hidden} if tuning else {"hidden": hidden}
     budget = BitBudget(config.bits)
     head = not config.skips("lm_head")
     tied = model.lm_head.weight is base.embed_tokens.weight
@@ -181,44 +176,18 @@ def quantize_decoder(
         head_width = budget.low + 1
         budget.carry = (budget.fraction - 1) * table
 
-    # the token table is coded before the blocks, so that they calibrate on its coded
-    # embeddings; a tied table's LM-head side takes its input moments from one fp pass
-    reports: dict[str, dict[str, Any]] = {}
-    fp_table = weight_matrix(model.lm_head)  # the fp logits of the head phase
-    if head and tied:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            features = base.norm(_fp_hidden(base, fp_embedded, rope, load_block))
-        lm_head, info = _coded_head(model.lm_head, features, head_width, config)
-        model.lm_head = lm_head
-        base.embed_tokens = _shared_embedding(lm_head, base.embed_tokens)
-        record.plan += [
-            lm_head.plan_entry("lm_head"),
-            base.embed_tokens.plan_entry("model.embed_tokens"),
-        ]
-        reports["lm_head"] = {**info, "bits": head_width, "seconds": time.perf_counter() - t0}
-    elif not tied and not config.skips("model.embed_tokens"):
-        coded, info = quantize_weight(weight_matrix(base.embed_tokens), None, budget.low, config)
-        base.embed_tokens = coded_layer_for(base.embed_tokens, coded, config.method)
-        record.plan.append(base.embed_tokens.plan_entry("model.embed_tokens"))
-        reports["model.embed_tokens"] = {**info, "bits": budget.low}
-    with torch.no_grad():
-        hidden = base.embed_tokens(calibration).float()
-    # JLCM's block phase matches each quantized block to the fp model's: both streams are kept
-    streams = {"hidden": hidden, "fp_hidden": fp_embedded} if tuning else {"hidden": hidden}
-
     fingerprint = hashlib.sha256(
         json.dumps([to_dict(config), source_fingerprint]).encode()
         + calibration.contiguous().numpy().tobytes()
     ).hexdigest()
     saved = _Progress(Path(work_dir), fingerprint) if work_dir is not None else None
     state = saved.load() if saved else None
+    reports: dict[str, dict[str, Any]] = {}
     done: list[dict[str, Any]] = []  # plan entries of the finished blocks
     start = 0
     if state:
         start, budget.carry = state["blocks_done"], state["carry"]
-        reports.update(state["reports"])
-        done = state["plan"]
+        reports, done = state["reports"], state["plan"]
         for entry in done:
             replay(model, entry)
         for i in range(start):
@@ -282,64 +251,50 @@ def quantize_decoder(
         if saved:
             saved.save(i, block, streams, {"carry": budget.carry, "reports": reports, "plan": done})
 
-    if head and not tied:
-        t0 = time.perf_counter()
+    if head:
+        # lm_head's input moments straight from the final hidden states (its logits are not needed)
+        moments = InputMoments(model.lm_head)
         with torch.no_grad():
             features = base.norm(streams["hidden"])
-        model.lm_head, info = _coded_head(model.lm_head, features, head_width, config)
-        record.plan.append(model.lm_head.plan_entry("lm_head"))
+        moments.add(features)
+        h_head = moments.hessian()
+        t0 = time.perf_counter()
+        fp_weight = weight_matrix(model.lm_head)
+        coded, info = quantize_weight(fp_weight, h_head, head_width, config)
+        lm_head = coded_layer_for(model.lm_head, coded, config.method)
+        if tuning:
+            with torch.no_grad():
+                fp_features = base.norm(streams["fp_hidden"])
+            result = tune_codebooks(
+                [lm_head],
+                lambda x: lm_head(base.norm(x)),
+                streams["hidden"],
+                logits_kl(fp_features, fp_weight),
+                config.block_epochs,
+                config.block_lr,
+                1,
+                config.block_map_lr,
+                norms=_norm_weights(base.norm) if config.block_norms else [],
+            )
+            info.update(
+                kl_before=result["before"],
+                kl_after=result["after"],
+                block_codes_changed=result["codes_changed"],
+            )
+        model.lm_head = lm_head
+        record.plan.append(lm_head.plan_entry("lm_head"))
         reports["lm_head"] = {**info, "bits": head_width, "seconds": time.perf_counter() - t0}
-    if head and tuning:
-        # the LM head's codebooks and the final norm, on the KL of the logits to the fp model's
-        lm_head = model.lm_head
-        with torch.no_grad():
-            fp_features = base.norm(streams["fp_hidden"])
-        result = tune_codebooks(
-            [lm_head],
-            lambda x: lm_head(base.norm(x)),
-            streams["hidden"],
-            logits_kl(fp_features, fp_table),
-            config.block_epochs,
-            config.block_lr,
-            1,
-            config.block_map_lr,
-            norms=_norm_weights(base.norm) if config.block_norms else [],
-        )
-        reports["lm_head"].update(
-            kl_before=result["before"],
-            kl_after=result["after"],
-            block_codes_changed=result["codes_changed"],
-        )
-        if tied:  # the tuned tensors are new ones
-            _share_codes(lm_head, base.embed_tokens)
+        if tied:
+            embed = _shared_embedding(lm_head, base.embed_tokens)
+            base.embed_tokens = embed
+            record.plan.append(embed.plan_entry("model.embed_tokens"))
+    if not tied and not config.skips("model.embed_tokens"):
+        table = base.embed_tokens
+        coded, info = quantize_weight(weight_matrix(table), None, budget.low, config)
+        base.embed_tokens = coded_layer_for(table, coded, config.method)
+        record.plan.append(base.embed_tokens.plan_entry("model.embed_tokens"))
+        reports["model.embed_tokens"] = {**info, "bits": budget.low}
     return reports
-
-
-def _fp_hidden(
-    base: nn.Module,
-    hidden: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor],
-    load_block: Callable[[int, nn.Module], None] | None,
-) -> torch.Tensor:
-    """The fp model's last hidden states; streamed blocks are released after their pass."""
-    for i, block in enumerate(base.layers):
-        if load_block is not None:
-            load_block(i, block)
-        hidden = _run_block(block, hidden, rope)
-        if load_block is not None:
-            block.to("meta")
-    return hidden
-
-
-def _coded_head(
-    lm_head: nn.Linear, features: torch.Tensor, bits: int, config: QuantizeConfig
-) -> tuple[CodedLayer, dict[str, Any]]:
-    """``lm_head`` coded at ``bits``, calibrated on its input ``features`` (its logits are
-    not needed: the input moments come straight from the features)."""
-    moments = InputMoments(lm_head)
-    moments.add(features)
-    coded, info = quantize_weight(weight_matrix(lm_head), moments.hessian(), bits, config)
-    return coded_layer_for(lm_head, coded, config.method), info
 
 
 def _norm_weights(module: nn.Module) -> list[nn.Parameter]:
@@ -357,13 +312,9 @@ def _shared_embedding(lm_head: CodedLayer, table: nn.Embedding) -> CodebookEmbed
     embed = CodebookEmbedding(
         table.num_embeddings, table.embedding_dim, table.padding_idx, lm_head.layout
     )
-    _share_codes(lm_head, embed)
-    return embed
-
-
-def _share_codes(lm_head: CodedLayer, embed: CodebookEmbedding) -> None:
     for name in ("codes", "codebook", "row_group", "scales", "offsets"):
         setattr(embed, name, getattr(lm_head, name))
+    return embed
 
 
 # --- streaming from a checkpoint ---------------------------------------------------------
