@@ -12,6 +12,11 @@ JLCM-coded (from the ``--llm`` artifact of ``benchmarks/quantize_llm.py``), fed 
   trials, one static-shape bundle per batch size; ``--tune-models`` says which), both run by
   the host build of the kompakt C++ runner: a fresh process holding the TVM runtime alone.
 
+onnxruntime and TVM are measured side by side once every model is built: ``--rounds``
+rounds, each running every runtime in turn (``--repeats`` timed runs, median); a latency is
+the median over the rounds, so drift on a busy machine hits every runtime alike (each
+round's median is in the row too).
+
 Peak RSS is each process's VmHWM; the floors are the same processes running a one-op model.
 
     .venv/bin/python benchmarks/export_tvm.py --cnn out/demo/dense,out/demo/pruned,out/demo/quantized \\
@@ -43,6 +48,7 @@ from kompakt.runtime.bench import bench, peak_rss_bytes
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "export_tvm.jsonl"
 BATCHES = (1, 64)
+WARMUP = 3  # untimed runs before each measurement, as kompakt bench does for onnxruntime
 
 
 class Block(nn.Module):
@@ -86,10 +92,19 @@ def tvm_runner(bundle: Path, example: torch.Tensor, batches, repeats: int) -> di
     latency, peak = {}, 0
     for b in batches:
         x = example[:1].repeat(b, *[1] * (example.dim() - 1)).numpy()
-        _, timing = runner.run_bundle(bundle, {"input": x}, repeat=repeats, arch="host")
-        latency[b] = timing["median_ms"]
+        _, timing = runner.run_bundle(bundle, {"input": x}, repeat=WARMUP + repeats, arch="host")
+        latency[b] = statistics.median(timing["ms"][WARMUP:])
         peak = max(peak, timing["peak_rss_bytes"])
     return {"latency": latency, "peak_rss_bytes": peak, "threads": timing["threads"]}
+
+
+def merged(results: list[dict]) -> dict:
+    """One measurement from several runner processes (one per batch size)."""
+    return {
+        "latency": {b: v for r in results for b, v in r["latency"].items()},
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
+        "threads": results[0]["threads"],
+    }
 
 
 def ort_bench(path: Path, repeats: int) -> dict:
@@ -121,59 +136,58 @@ def measure(label, model, example, work: Path, args, tune: bool, artifact: str |
         row["latency_ms"] = {int(k): v for k, v in child["latency"].items()}
         row["peak_rss_mb"] = child["peak_rss_bytes"] / 1e6
     rows.append(row)
-    # onnxruntime
+    # build every runtime's model first, then measure them in interleaved rounds
     onnx_path = work / f"{name}.onnx"
     export.onnx(model, example, onnx_path, overwrite=True, tolerance=1e-3)
-    r = ort_bench(onnx_path, args.repeats)
-    rows.append(
-        {
-            **base,
-            "runtime": "onnxruntime",
-            "latency_ms": r["latency"],
-            "peak_rss_mb": r["peak_rss_bytes"] / 1e6,
-            "model_bytes": onnx_path.stat().st_size,
-        }
-    )
-    # TVM untuned, dynamic batch
     bundle = work / f"{name}-tvm"
-    report = export.tvm(model, example, bundle, overwrite=True, tolerance=1e-3)
-    r = tvm_runner(bundle, example, BATCHES, args.repeats)
-    rows.append(
-        {
-            **base,
-            "runtime": "TVM untuned",
-            "threads": r["threads"],
-            "latency_ms": r["latency"],
-            "peak_rss_mb": r["peak_rss_bytes"] / 1e6,
-            "compile_s": report["compile_seconds"],
-            "param_bytes": report["params"]["bytes_by_dtype"],
-        }
-    )
+    untuned = export.tvm(model, example, bundle, overwrite=True, tolerance=1e-3)
+    runs = {
+        "onnxruntime": lambda: ort_bench(onnx_path, args.repeats),
+        "TVM untuned": lambda: tvm_runner(bundle, example, BATCHES, args.repeats),
+    }
+    extra = {
+        "onnxruntime": {"model_bytes": onnx_path.stat().st_size},
+        "TVM untuned": {
+            "compile_s": untuned["compile_seconds"],
+            "param_bytes": untuned["params"]["bytes_by_dtype"],
+        },
+    }
     if tune and args.tune:
-        latency, peak, seconds = {}, 0, {}
+        tuned, seconds = {}, {}
         for b in BATCHES:
             x = example[:1].repeat(b, *[1] * (example.dim() - 1))
-            tuned = work / f"{name}-tvm-tuned-b{b}"
+            tuned[b] = (work / f"{name}-tvm-tuned-b{b}", x)
             report = export.tvm(
                 model,
                 x,
-                tuned,
+                tuned[b][0],
                 overwrite=True,
                 tolerance=1e-3,
                 tune=args.tune,
                 tune_dir=work / f"{name}-db-b{b}",
             )
-            r = tvm_runner(tuned, x, [b], args.repeats)
-            latency[b], peak = r["latency"][b], max(peak, r["peak_rss_bytes"])
             seconds[b] = report["compile_seconds"]
+        label = f"TVM tuned ({args.tune} trials per task)"
+        runs[label] = lambda: merged(
+            [tvm_runner(t, x, [b], args.repeats) for b, (t, x) in tuned.items()]
+        )
+        extra[label] = {"compile_and_tune_s": seconds}
+    measured: dict[str, list[dict]] = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for runtime, run in runs.items():
+            measured[runtime].append(run())
+    for runtime, results in measured.items():
         rows.append(
             {
                 **base,
-                "runtime": f"TVM tuned ({args.tune} trials per task)",
-                "threads": r["threads"],
-                "latency_ms": latency,
-                "peak_rss_mb": peak / 1e6,
-                "compile_and_tune_s": seconds,
+                "runtime": runtime,
+                **({"threads": results[0]["threads"]} if "threads" in results[0] else {}),
+                "latency_ms": {
+                    b: statistics.median(r["latency"][b] for r in results) for b in BATCHES
+                },
+                "latency_ms_rounds": {b: [r["latency"][b] for r in results] for b in BATCHES},
+                "peak_rss_mb": max(r["peak_rss_bytes"] for r in results) / 1e6,
+                **extra[runtime],
             }
         )
     with args.out.open("a") as f:  # each model's rows as soon as they are measured
@@ -226,7 +240,10 @@ def main() -> None:
     parser.add_argument(
         "--tune-models", default="pruned", help="comma-separated substrings of the models to tune"
     )
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds over the runtimes (median)"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "export_tvm")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--torch-child", help=argparse.SUPPRESS)
