@@ -329,14 +329,17 @@ def test_jlcm_block_phase_learns_the_norm_weights_only_when_asked():
 # --- streaming and resume -------------------------------------------------------------------
 
 
-def test_streaming_checkpoint_equals_in_memory_and_resumes_bit_identically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tie", [False, True])
+def test_streaming_checkpoint_equals_in_memory_and_resumes_bit_identically(
+    tie, tmp_path, monkeypatch
+):
     ids = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(1))
-    tiny_llama(tie=False).save_pretrained(tmp_path / "ckpt")
+    tiny_llama(tie=tie).save_pretrained(tmp_path / "ckpt")
     config = quantize.JLCMConfig(bits=2.5, steps=5)
 
     whole = quantize.quantize_checkpoint(tmp_path / "ckpt", config, ids, progress=False)
     kompakt.save(whole, tmp_path / "whole")
-    in_memory = quantize.jlcm(tiny_llama(tie=False), config, ids, progress=False)
+    in_memory = quantize.jlcm(tiny_llama(tie=tie), config, ids, progress=False)
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, in_memory.state_dict()[name]), name
 
