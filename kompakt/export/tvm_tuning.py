@@ -19,6 +19,7 @@ setting.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import statistics
 from pathlib import Path
@@ -53,6 +54,22 @@ def _runtime_threads():
             del os.environ["TVM_NUM_THREADS"]
 
 
+@contextlib.contextmanager
+def _unnamed_handlers_aside():
+    """MetaSchedule rebuilds its loggers' configuration from their handlers' names and fails
+    on a handler without one (pytest's capture handlers, a user's own): such handlers are
+    taken off its logger while it tunes, and put back."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    aside = [h for h in logger.handlers if h.get_name() is None]
+    for handler in aside:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in aside:
+            logger.addHandler(handler)
+
+
 def tuning_module(mod):
     """``mod`` lowered as far as tuning takes it, under the current target."""
     from tvm import relax, transform
@@ -72,7 +89,7 @@ def tuned(mod, target, trials: int, tune_dir: Path):
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
-    with target, _runtime_threads():
+    with target, _runtime_threads(), _unnamed_handlers_aside():
         mod = tuning_module(mod)
         ms.relax_integration.tune_relax(
             mod,
