@@ -12,7 +12,7 @@ re-measured times are kept apart from the database, which stays as MetaSchedule 
 Candidates are measured with TVM's worker threads set as the runtime sets them
 (:func:`kompakt.runtime.tvm.usable_cores` unless ``TVM_NUM_THREADS`` says otherwise): left to
 itself, a measuring process starts a different thread pool from the one the bundle will run
-with, and its times (about 3x slower and erratic on 2 cores) rank schedules for the wrong
+with, and its times (slower and erratic on a 2-core machine) rank schedules for the wrong
 setting.
 """
 
