@@ -126,20 +126,20 @@ def remeasured(mod, target, database):
             number=1, repeat=REMEASURE_REPEATS, min_repeat_ms=50
         )
     )
-    inputs = [
-        ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info)
-        for b, c in zip(builds, candidates, strict=True)
+    measurable = [  # (task's module, record, runner input) of the candidates that built
+        (task_mod, record, ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info))
+        for (task_mod, record), c, b in zip(chosen, candidates, builds, strict=True)
         if b.error_msg is None
     ]
-    times: list[list[float]] = [[] for _ in inputs]
+    times: list[list[float]] = [[] for _ in measurable]
     for _ in range(REMEASURE_ROUNDS):
-        for seconds, future in zip(times, runner.run(inputs), strict=True):
+        futures = runner.run([runner_input for _, _, runner_input in measurable])
+        for seconds, future in zip(times, futures, strict=True):
             result = future.result()
             if result.error_msg is None:
                 seconds += [float(s) for s in result.run_secs]
-    built = [pair for pair, b in zip(chosen, builds, strict=True) if b.error_msg is None]
     memory = ms.database.MemoryDatabase()
-    for (task_mod, record), seconds in zip(built, times, strict=True):
+    for (task_mod, record, _), seconds in zip(measurable, times, strict=True):
         if len(seconds) == REMEASURE_ROUNDS * REMEASURE_REPEATS:
             memory.commit_tuning_record(
                 ms.database.TuningRecord(
