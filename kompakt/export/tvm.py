@@ -54,16 +54,39 @@ from kompakt.export.tvm_tuning import tuned
 from kompakt.runtime.tvm import BUNDLE_FORMAT, MANIFEST, PARAMS
 
 
-def _prepared(model: nn.Module) -> tuple[nn.Module, int]:
-    """A copy of ``model`` with Codebook layers fused and every persistent buffer made a
-    parameter (non-persistent ones, e.g. rotary frequencies, become library constants)."""
+def _prepared(model: nn.Module) -> tuple[nn.Module, int, int]:
+    """A copy of ``model`` with Codebook layers fused, batch norms folded, and every
+    persistent buffer made a parameter (non-persistent ones, e.g. rotary frequencies, become
+    library constants); with the numbers of Codebook layers and of folded batch norms."""
     model, coded = fused_copy(model)
+    model, folded = _batch_norms_folded(model)
     for module in model.modules():
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and name not in module._non_persistent_buffers_set:
                 del module._buffers[name]
                 module.register_parameter(name, frozen(buffer))
-    return model, coded
+    return model, coded, folded
+
+
+def _batch_norms_folded(model: nn.Module) -> tuple[nn.Module, int]:
+    """``model`` with each eval-mode batch norm that alone reads a Conv or Linear output
+    folded into that layer's weight and bias, as onnxruntime does when it loads a model. The
+    parameters are inputs of the compiled model, so TVM cannot fold them itself: unfolded,
+    every output element of such a conv pays a square root and a division. A model that
+    torch.fx cannot trace symbolically (a transformers model) keeps its batch norms."""
+    from torch.fx.experimental.optimization import fuse
+
+    def count(m: nn.Module) -> int:
+        return sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+
+    norms = count(model)
+    if not norms:
+        return model, 0
+    try:
+        folded = fuse(model, inplace=True)
+    except Exception:  # not symbolically traceable: compiled as it is
+        return model, 0
+    return folded, norms - count(folded)
 
 
 # ---- Relax lowering of the custom ops -------------------------------------------------
@@ -246,10 +269,9 @@ def export_tvm(
     inputs = as_tuple(example_inputs, dynamic)
     names = input_names(inputs)
     language_model = is_language_model(model)
-    prepared, coded = _prepared(model)
-    wrapper = Outputs(prepared, language_model).eval()
+    prepared, coded, folded = _prepared(model)
     start = time.perf_counter()
-    mod, params = _to_relax(wrapper, inputs, dynamic, spec, label)
+    mod, params = _to_relax(Outputs(prepared, language_model).eval(), inputs, dynamic, spec, label)
     executable = _compile(mod, spec, tune, tune_dir, label)
     compile_seconds = time.perf_counter() - start
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -286,6 +308,7 @@ def export_tvm(
             "outputs": [{"name": "logits" if language_model else "output", "dtype": "float32"}],
             "params": {"count": len(params), "bytes_by_dtype": bytes_by_dtype},
             "codebook_layers": coded,
+            "batch_norms_folded": folded,
             "tuning_trials": tune,
             "compile_seconds": round(compile_seconds, 2),
         }
@@ -296,7 +319,9 @@ def export_tvm(
         else:
             who = f"TVM export of {label} for {spec.name}: the compiled model"
             cases = validation_inputs(inputs, dynamic)
-            manifest["validation"] = validate(run, wrapper, cases, tolerance, who)
+            # against the model as given: folding and tracing are checked too
+            reference = Outputs(model, language_model).eval()
+            manifest["validation"] = validate(run, reference, cases, tolerance, who)
         (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
