@@ -99,6 +99,8 @@ def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> d
             block_lr=args.block_lr,
             block_map_lr=args.block_map_lr,
             block_norms=args.block_norms,
+            model_epochs=args.model_epochs,
+            model_lr=args.model_lr,
             damp=args.damp,
         )
         model = quantize_checkpoint(ckpt, config, windows["valid"], progress=False)
@@ -145,6 +147,10 @@ def main() -> None:
         default=QuantizeConfig.block_norms,
         help="jlcm block phase also learns the norm weights",
     )
+    parser.add_argument(
+        "--model-epochs", type=int, default=QuantizeConfig.model_epochs, help="jlcm model phase"
+    )
+    parser.add_argument("--model-lr", type=float, default=QuantizeConfig.model_lr)
     parser.add_argument("--damp", type=float, help="gptq/jlcm damping (default: the method's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "quantize_llm")
@@ -168,6 +174,8 @@ def main() -> None:
         "jlcm_block_lr": args.block_lr,
         "jlcm_block_map_lr": args.block_map_lr,
         "jlcm_block_norms": args.block_norms,
+        "jlcm_model_epochs": args.model_epochs,
+        "jlcm_model_lr": args.model_lr,
         "damp": args.damp,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +194,10 @@ def main() -> None:
             "--block-map-lr",
             str(args.block_map_lr),
             "--block-norms" if args.block_norms else "--no-block-norms",
+            "--model-epochs",
+            str(args.model_epochs),
+            "--model-lr",
+            str(args.model_lr),
             *(["--damp", str(args.damp)] if args.damp is not None else []),
             "--threads",
             str(args.threads),

@@ -45,32 +45,60 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _Learned:
-    """One coded layer's codebook as a learnable fp32 tensor, its codes, and (when mappings
-    are learned) the latent value of each weight."""
+    """One coded weight's codebook as a learnable fp32 tensor, its codes, and (when mappings
+    are learned) the latent value of each weight. ``layers`` are the Codebook layers that
+    read it (a tied LM head and token embedding share one)."""
 
-    def __init__(self, layer: CodedLayer, mappings: bool) -> None:
+    def __init__(self, layers: list[CodedLayer], mappings: bool) -> None:
+        layer = layers[0]
         lay = layer.layout
-        self.layer = layer
-        self.codes = unpack_codes(layer.codes, lay.bits, lay.cols)
+        self.layers = layers
+        # uint8: a model's codes at one byte per weight; widened per layer as it decodes
+        self.codes = unpack_codes(layer.codes, lay.bits, lay.cols).to(torch.uint8)
         self.group = layer.group_of_rows()
         self.codebook = nn.Parameter(layer.codebook.float())
         self.latent = nn.Parameter(self.values(self.codebook.detach())) if mappings else None
 
     def values(self, codebook: torch.Tensor) -> torch.Tensor:
-        return codebook[self.group].gather(1, self.codes)
+        return codebook[self.group].gather(1, self.codes.long())
 
     def decode(self, codebook: torch.Tensor) -> None:
-        """Make the layer compute with ``codebook`` (its ``decoded_weights`` cache); the
-        gradient of each decoded weight also reaches its latent value (straight through)."""
-        dense = self.values(codebook)
-        if self.latent is not None:
-            dense = dense + (self.latent - self.latent.detach())
-        self.layer.__dict__["_dense"] = dense
+        """Make the layers compute with ``codebook``: each call decodes (inside the caller's
+        gradient checkpoint, if any), and the gradient of each decoded weight also reaches
+        its latent value (straight through)."""
+
+        def dense() -> torch.Tensor:
+            weights = self.values(codebook)
+            if self.latent is not None:
+                weights = weights + (self.latent - self.latent.detach())
+            return weights
+
+        for layer in self.layers:
+            layer.__dict__["_dense"] = dense
 
     def remap(self, codebook: torch.Tensor) -> None:
         """Every weight takes the codeword of ``codebook`` nearest its latent value."""
         if self.latent is not None:
-            self.codes = nearest_codes(self.latent.detach(), codebook[self.group])
+            self.codes = nearest_codes(self.latent.detach(), codebook[self.group]).to(torch.uint8)
+
+    def store(self, codebook: torch.Tensor) -> None:
+        codes = pack_codes(self.codes, self.layers[0].layout.bits)
+        for layer in self.layers:
+            layer.codebook, layer.codes = codebook.to(torch.float16), codes
+
+    def release(self) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("_dense", None)
+
+
+def _learned(layers: list[CodedLayer], mappings: bool) -> list[_Learned]:
+    """One learned codebook per coded weight of ``layers`` (codebook layers only: affine
+    layers have none), layers sharing their coded tensors together."""
+    shared: dict[int, list[CodedLayer]] = {}
+    for layer in layers:
+        if layer.scales is None:
+            shared.setdefault(id(layer.codes), []).append(layer)
+    return [_Learned(group, mappings) for group in shared.values()]
 
 
 def tune_codebooks(
@@ -90,7 +118,7 @@ def tune_codebooks(
     ``map_lr > 0`` their mappings too, and the ``norms`` (normalisation weights ``forward``
     uses, learned in place); returns that loss before and after (the result is
     kept only if it went down) and the fraction of codes that changed."""
-    learned = [_Learned(layer, map_lr > 0) for layer in layers if layer.scales is None]
+    learned = _learned(layers, map_lr > 0)
     batches = list(torch.arange(len(inputs)).split(batch))
     start_codes = [item.codes for item in learned]
     start_norms = [p.detach().clone() for p in norms]
@@ -137,8 +165,7 @@ def tune_codebooks(
         weights = sum(c.numel() for c in start_codes)
         if after < before:
             for item, codebook in zip(learned, tuned, strict=True):
-                item.layer.codebook = codebook.to(torch.float16)
-                item.layer.codes = pack_codes(item.codes, item.layer.layout.bits)
+                item.store(codebook)
         else:
             changed = 0
             with torch.no_grad():
@@ -146,7 +173,7 @@ def tune_codebooks(
                     p.copy_(value)
     finally:
         for item in learned:
-            item.layer.__dict__.pop("_dense", None)
+            item.release()
     return {
         "before": before,
         "after": min(before, after),

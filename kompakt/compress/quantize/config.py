@@ -44,6 +44,11 @@ class QuantizeConfig:
     better and the test perplexity worse (docs/benchmarks.md). block_norms: the block phase
     also learns the blocks' normalisation weights (and the head's phase the final norm's),
     which stay dense, so this costs no storage.
+    model_epochs, model_lr: jlcm on a decoder language model: epochs and Adam learning rate of
+    the model phase, after every layer is coded: all codebooks (and, with block_norms, all
+    normalisation weights) learned together on the KL divergence of the model's next-token
+    distributions to the fp model's over the calibration windows, one block in memory at a
+    time (gradient checkpointing); 0 epochs skips it.
     damp: gptq / jlcm damping of the input moments H (fraction of their mean diagonal);
     None: the method's own, 0.01 for gptq, 0.2 for jlcm (the better of the two for each on
     SmolLM2-135M with 16 calibration windows).
@@ -60,6 +65,8 @@ class QuantizeConfig:
     block_lr: float = 1e-3
     block_map_lr: float = 0.0
     block_norms: bool = True
+    model_epochs: int = 0
+    model_lr: float = 1e-4
     kmeans_iters: int = 25
     damp: float | None = None
     skip: tuple[str, ...] = ()
@@ -82,6 +89,10 @@ class QuantizeConfig:
         check(
             self.block_epochs >= 0 and self.block_lr > 0,
             f"block_epochs must be >= 0 and block_lr > 0, got {self.block_epochs}, {self.block_lr}",
+        )
+        check(
+            self.model_epochs >= 0 and self.model_lr > 0,
+            f"model_epochs must be >= 0 and model_lr > 0, got {self.model_epochs}, {self.model_lr}",
         )
         check(self.block_map_lr >= 0, f"block_map_lr must be >= 0, got {self.block_map_lr}")
         check(self.damp is None or self.damp >= 0, f"damp must be >= 0, got {self.damp}")

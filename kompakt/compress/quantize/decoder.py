@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from kompakt import artifact
@@ -251,6 +252,10 @@ def quantize_decoder(
         if saved:
             saved.save(i, block, streams, {"carry": budget.carry, "reports": reports, "plan": done})
 
+    if tuning:  # the fp model's next-token distributions: the head and model phases' target
+        with torch.no_grad():
+            fp_features = base.norm(streams["fp_hidden"])
+        fp_logits = logits_kl(fp_features, weight_matrix(model.lm_head))
     if head:
         # lm_head's input moments straight from the final hidden states (its logits are not needed)
         moments = InputMoments(model.lm_head)
@@ -263,13 +268,11 @@ def quantize_decoder(
         coded, info = quantize_weight(fp_weight, h_head, head_width, config)
         lm_head = coded_layer_for(model.lm_head, coded, config.method)
         if tuning:
-            with torch.no_grad():
-                fp_features = base.norm(streams["fp_hidden"])
             result = tune_codebooks(
                 [lm_head],
                 lambda x: lm_head(base.norm(x)),
                 streams["hidden"],
-                logits_kl(fp_features, fp_weight),
+                fp_logits,
                 config.block_epochs,
                 config.block_lr,
                 1,
@@ -294,7 +297,36 @@ def quantize_decoder(
         base.embed_tokens = coded_layer_for(table, coded, config.method)
         record.plan.append(base.embed_tokens.plan_entry("model.embed_tokens"))
         reports["model.embed_tokens"] = {**info, "bits": budget.low}
+    if tuning and config.model_epochs > 0:
+        result = tune_codebooks(
+            [m for m in model.modules() if isinstance(m, CodedLayer)],
+            _checkpointed_logits(model, rope),
+            calibration,
+            fp_logits,
+            config.model_epochs,
+            config.model_lr,
+            1,
+            norms=_norm_weights(base) if config.block_norms else [],
+        )
+        reports["model"] = {"kl_before": result["before"], "kl_after": result["after"]}
     return reports
+
+
+def _checkpointed_logits(
+    model: nn.Module, rope: tuple[torch.Tensor, torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's logits for token ids, each block under a gradient checkpoint: its decoded
+    weights and activations exist only while it runs forward, and again while its gradient
+    is computed, so the model phase holds one block at a time as the block phase does."""
+    base = model.model
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        hidden = base.embed_tokens(ids).float()
+        for block in base.layers:
+            hidden = checkpoint(_block_forward, block, hidden, rope, use_reentrant=False)
+        return model.lm_head(base.norm(hidden))
+
+    return forward
 
 
 def _norm_weights(module: nn.Module) -> list[nn.Parameter]:

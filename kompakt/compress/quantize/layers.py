@@ -200,6 +200,8 @@ class CodedLayer(nn.Module):
     def decoded_rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """The decoded float32 weight ``[rows, cols]``, or only the rows in ``index``."""
         cache = self.__dict__.get("_dense")
+        if callable(cache):  # a decoder installed by JLCM's block and model phases
+            cache = cache()
         if cache is not None:
             return cache if index is None else cache[index]
         lay = self.layout
@@ -448,8 +450,11 @@ def summarize(
     unique = list({id(m.codes): m for m in model.modules() if isinstance(m, CodedLayer)}.values())
     weights = sum(m.layout.rows * m.layout.cols for m in unique)
     stored = sum(m.weight_bits() for m in unique)
+    model_phase = reports.get("model", {})  # JLCM's model phase: the logits' KL before and after
+    reports = {name: r for name, r in reports.items() if name != "model"}
     errors = [r["error"] for r in reports.values()]
     metrics = {
+        **{"model_" + key: value for key, value in model_phase.items()},
         "coded_layers": len(reports),
         "bits_per_weight": stored / weights if weights else 0.0,
         "coded_weight_bytes": stored // 8,
