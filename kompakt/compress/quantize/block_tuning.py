@@ -24,7 +24,9 @@ fp model: a block also learns to undo the error of the blocks before it.
 The codebooks are rounded to fp16 (their stored precision), the codes re-read against them,
 and both are kept only if the loss over all calibration windows went down, so the phase never
 makes a block worse. The LM head is learned the same way on the KL divergence of its
-next-token distribution to the fp head's (:func:`logits_kl`).
+next-token distribution to the fp head's (:func:`logits_kl`), and so, in the model phase,
+are all codebooks at once on the whole model's (each layer decodes on every call, so a
+forward under gradient checkpoints holds one block's decoded weights at a time).
 """
 
 from __future__ import annotations
