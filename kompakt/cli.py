@@ -103,6 +103,8 @@ def _compress_quantize(args: argparse.Namespace) -> int:
         "block_lr",
         "block_map_lr",
         "block_norms",
+        "model_epochs",
+        "model_lr",
         "damp",
         "skip",
     )
@@ -395,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="jlcm block phase: also learn the norm weights (default: on)",
     )
+    p.add_argument(
+        "--model-epochs",
+        type=int,
+        help="jlcm, language models: epochs of the model phase (all codebooks learned on the "
+        "model's logits, one block in memory at a time; default: 4; 0 skips it)",
+    )
+    p.add_argument("--model-lr", type=float, help="jlcm model phase learning rate (default: 3e-4)")
     p.add_argument(
         "--damp",
         type=float,

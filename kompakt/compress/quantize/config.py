@@ -65,8 +65,8 @@ class QuantizeConfig:
     block_lr: float = 1e-3
     block_map_lr: float = 0.0
     block_norms: bool = True
-    model_epochs: int = 0
-    model_lr: float = 1e-4
+    model_epochs: int = 4
+    model_lr: float = 3e-4
     kmeans_iters: int = 25
     damp: float | None = None
     skip: tuple[str, ...] = ()
