@@ -228,22 +228,23 @@ def test_jlcm_llama_logits_closer_to_fp_than_kmeans():
     assert jlcm > kmeans
 
 
-def test_jlcm_block_phase_lowers_each_blocks_error_the_heads_kl_and_the_models_kl():
-    def model():
-        # weights 5x the init scale, so that the logits are peaked like a trained model's
-        m = tiny_llama()
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.dim() == 2:
-                    p.mul_(5)
-        return m
+def _peaked_llama():
+    """A tiny Llama with weights 5x the init scale: logits peaked like a trained model's."""
+    m = tiny_llama()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+    return m
 
+
+def test_jlcm_block_phase_lowers_each_blocks_error_the_heads_kl_and_the_models_kl():
     ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = torch.log_softmax(model()(ids).logits, -1)
+        ref = torch.log_softmax(_peaked_llama()(ids).logits, -1)
 
     def run(epochs):
-        m = model()
+        m = _peaked_llama()
         config = quantize.JLCMConfig(bits=2, steps=10, block_epochs=epochs)
         reports = decoder.quantize_decoder(m, config, ids, progress=False)
         with torch.no_grad():
@@ -301,18 +302,10 @@ def test_jlcm_block_phase_learns_the_norm_weights_only_when_asked():
     the first block's error ends lower than with the codebooks alone; off, they stay fp."""
     ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
 
-    def model():
-        m = tiny_llama()
-        with torch.no_grad():  # peaked logits, like a trained model's
-            for p in m.parameters():
-                if p.dim() == 2:
-                    p.mul_(5)
-        return m
-
-    norms = {n: p.detach().clone() for n, p in model().named_parameters() if "norm" in n}
+    norms = {n: p.detach().clone() for n, p in _peaked_llama().named_parameters() if "norm" in n}
 
     def run(block_norms):
-        m = model()
+        m = _peaked_llama()
         config = quantize.JLCMConfig(bits=2, steps=10, block_norms=block_norms)
         return m, decoder.quantize_decoder(m, config, ids, progress=False)
 
@@ -333,16 +326,8 @@ def test_jlcm_model_phase_lowers_the_models_kl_one_block_decoded_at_a_time(monke
     the decoded weights alive at once are at most one block's, never the whole model's."""
     ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
 
-    def model():
-        m = tiny_llama()
-        with torch.no_grad():  # peaked logits, like a trained model's
-            for p in m.parameters():
-                if p.dim() == 2:
-                    p.mul_(5)
-        return m
-
     with torch.no_grad():
-        ref = torch.log_softmax(model()(ids).logits, -1)
+        ref = torch.log_softmax(_peaked_llama()(ids).logits, -1)
     alive: list = []
     most = [0]
     real = block_tuning._Learned.values
@@ -355,7 +340,7 @@ def test_jlcm_model_phase_lowers_the_models_kl_one_block_decoded_at_a_time(monke
         return out
 
     def run(epochs):
-        m = model()
+        m = _peaked_llama()
         config = quantize.JLCMConfig(bits=2, steps=10, model_epochs=epochs, model_lr=1e-3)
         reports = decoder.quantize_decoder(m, config, ids, progress=False)
         with torch.no_grad():
