@@ -252,10 +252,11 @@ def quantize_decoder(
         if saved:
             saved.save(i, block, streams, {"carry": budget.carry, "reports": reports, "plan": done})
 
+    fp_weight = weight_matrix(model.lm_head)
     if tuning:  # the fp model's next-token distributions: the head and model phases' target
         with torch.no_grad():
             fp_features = base.norm(streams["fp_hidden"])
-        fp_logits = logits_kl(fp_features, weight_matrix(model.lm_head))
+        fp_logits = logits_kl(fp_features, fp_weight)
     if head:
         # lm_head's input moments straight from the final hidden states (its logits are not needed)
         moments = InputMoments(model.lm_head)
@@ -264,7 +265,6 @@ def quantize_decoder(
         moments.add(features)
         h_head = moments.hessian()
         t0 = time.perf_counter()
-        fp_weight = weight_matrix(model.lm_head)
         coded, info = quantize_weight(fp_weight, h_head, head_width, config)
         lm_head = coded_layer_for(model.lm_head, coded, config.method)
         if tuning:
