@@ -101,6 +101,7 @@ def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> d
             block_norms=args.block_norms,
             model_epochs=args.model_epochs,
             model_lr=args.model_lr,
+            block_windows=args.block_windows,
             damp=args.damp,
         )
         model = quantize_checkpoint(ckpt, config, windows["valid"], progress=False)
@@ -151,6 +152,9 @@ def main() -> None:
         "--model-epochs", type=int, default=QuantizeConfig.model_epochs, help="jlcm model phase"
     )
     parser.add_argument("--model-lr", type=float, default=QuantizeConfig.model_lr)
+    parser.add_argument(
+        "--block-windows", type=int, help="calibration windows of the per-block phases (all)"
+    )
     parser.add_argument("--damp", type=float, help="gptq/jlcm damping (default: the method's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "quantize_llm")
@@ -176,6 +180,7 @@ def main() -> None:
         "jlcm_block_norms": args.block_norms,
         "jlcm_model_epochs": args.model_epochs,
         "jlcm_model_lr": args.model_lr,
+        "block_windows": args.block_windows,
         "damp": args.damp,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +204,7 @@ def main() -> None:
             "--model-lr",
             str(args.model_lr),
             *(["--damp", str(args.damp)] if args.damp is not None else []),
+            *(["--block-windows", str(args.block_windows)] if args.block_windows else []),
             "--threads",
             str(args.threads),
         ]

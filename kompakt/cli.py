@@ -105,6 +105,7 @@ def _compress_quantize(args: argparse.Namespace) -> int:
         "block_norms",
         "model_epochs",
         "model_lr",
+        "block_windows",
         "damp",
         "skip",
     )
@@ -404,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model's logits, one block in memory at a time; default: 4; 0 skips it)",
     )
     p.add_argument("--model-lr", type=float, help="jlcm model phase learning rate (default: 3e-4)")
+    p.add_argument(
+        "--block-windows",
+        type=int,
+        help="language models: calibrate the per-block phases on the first N windows only, "
+        "the jlcm model phase on all of them (default: all)",
+    )
     p.add_argument(
         "--damp",
         type=float,

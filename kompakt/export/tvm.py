@@ -96,7 +96,9 @@ def _batch_norms_folded(model: nn.Module) -> tuple[nn.Module, int]:
 def _kernel(kind: str, shape):
     from kompakt.export import tvm_kernels
 
-    return (tvm_kernels.codebook_linear if kind == "linear" else tvm_kernels.codebook_rows)(shape)
+    kernel = (tvm_kernels.codebook_linear if kind == "linear" else tvm_kernels.codebook_rows)(shape)
+    # scheduled by hand: MetaSchedule leaves it as it is (it cannot parse its vector code)
+    return kernel.with_attr("tirx.is_scheduled", True)
 
 
 def _coded_shape(node, permute: bool):

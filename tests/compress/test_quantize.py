@@ -356,6 +356,35 @@ def test_jlcm_model_phase_lowers_the_models_kl_one_block_decoded_at_a_time(monke
     assert most[0] == 7  # q, k, v, o, gate, up, down of one block; without checkpoints 14+
 
 
+def test_block_windows_limit_the_per_block_phases_and_the_model_phase_sees_every_window():
+    """With ``block_windows=3`` of 8 windows, the layers, blocks and head are coded exactly as
+    from the first 3 windows alone; the model phase then learns from all 8."""
+    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(2))
+
+    def run(windows, block_windows, model_epochs):
+        m = _peaked_llama()
+        config = quantize.JLCMConfig(
+            bits=2, steps=10, block_windows=block_windows, model_epochs=model_epochs
+        )
+        return m, decoder.quantize_decoder(m, config, windows, progress=False)
+
+    limited, _ = run(ids, 3, 0)
+    first, _ = run(ids[:3], None, 0)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, limited.state_dict()[name]), name
+    everything, _ = run(ids, None, 0)
+    assert not torch.equal(
+        everything.state_dict()["lm_head.codebook"], first.state_dict()["lm_head.codebook"]
+    )
+
+    _, limited_reports = run(ids, 3, 1)
+    _, first_reports = run(ids[:3], None, 1)
+    # the same coded model going in; the KL over 8 windows is not the KL over the first 3
+    assert limited_reports["model"]["kl_before"] != first_reports["model"]["kl_before"]
+    with pytest.raises(ValueError, match="block_windows"):
+        quantize.JLCMConfig(block_windows=0)
+
+
 # --- streaming and resume -------------------------------------------------------------------
 
 

@@ -259,6 +259,17 @@ def test_tuning_writes_a_reusable_database(tmp_path):
     assert len(records) >= 1
 
 
+@pytest.mark.slow
+def test_tuning_a_coded_model_searches_around_the_fused_kernels(tmp_path):
+    """MetaSchedule tunes the other operators and leaves the hand-scheduled codebook kernels
+    as written (searching them fails: its FLOPs estimate cannot read their vector code)."""
+    model, x = _coded_stack(3)
+    report = export.tvm(model, x, tmp_path / "tuned", tune=1, tune_dir=tmp_path / "db")
+    assert report["validation"]["valid"]
+    assert (tmp_path / "db" / "database_tuning_record.json").read_text().strip()  # the ReLU
+    _assert_bundle_matches(tmp_path / "tuned", model, x)
+
+
 def test_bundle_runtime_imports_neither_torch_nor_compress_and_benches(tmp_path):
     import subprocess
     import sys

@@ -48,7 +48,10 @@ class QuantizeConfig:
     the model phase, after every layer is coded: all codebooks (and, with block_norms, all
     normalisation weights) learned together on the KL divergence of the model's next-token
     distributions to the fp model's over the calibration windows, one block in memory at a
-    time (gradient checkpointing); 0 epochs skips it.
+    time (gradient checkpointing); 0 epochs skips it. block_windows: decoder language
+    models: the per-block phases (each layer's fit and the block phase) calibrate on the
+    first ``block_windows`` calibration windows, whose cost grows with every window, while
+    the model phase learns from all of them; None: every phase uses all.
     damp: gptq / jlcm damping of the input moments H (fraction of their mean diagonal);
     None: the method's own, 0.01 for gptq, 0.2 for jlcm (the better of the two for each on
     SmolLM2-135M with 16 calibration windows).
@@ -67,6 +70,7 @@ class QuantizeConfig:
     block_norms: bool = True
     model_epochs: int = 4
     model_lr: float = 3e-4
+    block_windows: int | None = None
     kmeans_iters: int = 25
     damp: float | None = None
     skip: tuple[str, ...] = ()
@@ -93,6 +97,10 @@ class QuantizeConfig:
         check(
             self.model_epochs >= 0 and self.model_lr > 0,
             f"model_epochs must be >= 0 and model_lr > 0, got {self.model_epochs}, {self.model_lr}",
+        )
+        check(
+            self.block_windows is None or self.block_windows >= 1,
+            f"block_windows must be >= 1 (or None: all), got {self.block_windows}",
         )
         check(self.block_map_lr >= 0, f"block_map_lr must be >= 0, got {self.block_map_lr}")
         check(self.damp is None or self.damp >= 0, f"damp must be >= 0, got {self.damp}")

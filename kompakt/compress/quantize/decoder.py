@@ -158,11 +158,13 @@ def quantize_decoder(
     record = artifact.record_of(model)
     seq = calibration.shape[1]
     with torch.no_grad():
-        hidden = base.embed_tokens(calibration).float()
-        rope = base.rotary_emb(hidden[:1], torch.arange(seq)[None])
-    # JLCM's block phase matches each quantized block to the fp model's: both streams are kept
+        embedded = base.embed_tokens(calibration).float()
+        rope = base.rotary_emb(embedded[:1], torch.arange(seq)[None])
+    hidden = embedded[: config.block_windows]  # the per-block phases' windows
+    # JLCM's block phase matches each quantized block to the fp model's: both streams are
+    # kept, the fp one over every window (the head and model phases' targets)
     tuning = config.method == "jlcm" and config.block_epochs > 0
-    streams = {"hidden": hidden, "fp_hidden": hidden} if tuning else {"hidden": hidden}
+    streams = {"hidden": hidden, "fp_hidden": embedded} if tuning else {"hidden": hidden}
     budget = BitBudget(config.bits)
     head = not config.skips("lm_head")
     tied = model.lm_head.weight is base.embed_tokens.weight
@@ -233,7 +235,7 @@ def quantize_decoder(
                 [block.get_submodule(name) for name in layers],
                 lambda x, block=block: _block_forward(block, x, rope),
                 hidden,
-                relative_mse(streams["fp_hidden"]),
+                relative_mse(streams["fp_hidden"][: len(hidden)]),
                 config.block_epochs,
                 config.block_lr,
                 TUNING_BATCH,
