@@ -204,7 +204,11 @@ def main() -> None:
             "--model-lr",
             str(args.model_lr),
             *(["--damp", str(args.damp)] if args.damp is not None else []),
-            *(["--block-windows", str(args.block_windows)] if args.block_windows else []),
+            *(
+                ["--block-windows", str(args.block_windows)]
+                if args.block_windows is not None
+                else []
+            ),
             "--threads",
             str(args.threads),
         ]
