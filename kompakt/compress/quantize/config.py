@@ -49,7 +49,7 @@ class QuantizeConfig:
     normalisation weights) learned together on the KL divergence of the model's next-token
     distributions to the fp model's over the calibration windows, one block in memory at a
     time (gradient checkpointing); 0 epochs skips it. block_windows: decoder language
-    models: the per-block phases (each layer's fit and the block phase) calibrate on the
+    models: the per-block phases (each layer's fit, the block and head phases) calibrate on the
     first ``block_windows`` calibration windows, whose cost grows with every window, while
     the model phase learns from all of them; None: every phase uses all.
     damp: gptq / jlcm damping of the input moments H (fraction of their mean diagonal);
