@@ -162,9 +162,10 @@ def quantize_decoder(
         rope = base.rotary_emb(embedded[:1], torch.arange(seq)[None])
     hidden = embedded[: config.block_windows]  # the per-block phases' windows
     # JLCM's block phase matches each quantized block to the fp model's: both streams are
-    # kept, the fp one over every window (the head and model phases' targets)
+    # kept, the fp one over every window when the model phase learns from them all
     tuning = config.method == "jlcm" and config.block_epochs > 0
-    streams = {"hidden": hidden, "fp_hidden": embedded} if tuning else {"hidden": hidden}
+    fp_hidden = embedded if config.model_epochs > 0 else hidden
+    streams = {"hidden": hidden, "fp_hidden": fp_hidden} if tuning else {"hidden": hidden}
     budget = BitBudget(config.bits)
     head = not config.skips("lm_head")
     tied = model.lm_head.weight is base.embed_tokens.weight
