@@ -94,6 +94,7 @@ def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> d
             method=method,
             bits=bits,
             block=args.block,
+            rows_per_group=args.rows_per_group,
             steps=args.steps,
             block_epochs=args.block_epochs,
             block_lr=args.block_lr,
@@ -136,6 +137,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=128, help="test windows for perplexity")
     parser.add_argument("--calib", type=int, default=16, help="valid windows for calibration")
     parser.add_argument("--block", type=int, default=128, help="rtn/gptq columns per scale")
+    parser.add_argument(
+        "--rows-per-group",
+        type=int,
+        default=QuantizeConfig.rows_per_group,
+        help="jlcm/kmeans neurons per codebook",
+    )
     parser.add_argument("--steps", type=int, default=60, help="jlcm steps per layer")
     parser.add_argument(
         "--block-epochs", type=int, default=QuantizeConfig.block_epochs, help="jlcm block phase"
@@ -173,6 +180,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
         "command": "benchmarks/quantize_llm.py " + " ".join(sys.argv[1:]),
         "block": args.block,
+        "rows_per_group": args.rows_per_group,
         "jlcm_steps": args.steps,
         "jlcm_block_epochs": args.block_epochs,
         "jlcm_block_lr": args.block_lr,
@@ -186,32 +194,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for run in args.runs.split(","):
         method, bits = run.split(":")
-        child = [sys.executable, __file__, "--one", method, bits, "--work", str(args.work)]
-        child += [
-            "--block",
-            str(args.block),
-            "--steps",
-            str(args.steps),
-            "--block-epochs",
-            str(args.block_epochs),
-            "--block-lr",
-            str(args.block_lr),
-            "--block-map-lr",
-            str(args.block_map_lr),
-            "--block-norms" if args.block_norms else "--no-block-norms",
-            "--model-epochs",
-            str(args.model_epochs),
-            "--model-lr",
-            str(args.model_lr),
-            *(["--damp", str(args.damp)] if args.damp is not None else []),
-            *(
-                ["--block-windows", str(args.block_windows)]
-                if args.block_windows is not None
-                else []
-            ),
-            "--threads",
-            str(args.threads),
-        ]
+        # the child parses the same flags; --one makes it run this one method and width
+        child = [sys.executable, __file__, *sys.argv[1:], "--one", method, bits]
+        child += ["--work", str(args.work.resolve())]
         done = subprocess.run(child, capture_output=True, text=True, cwd=ROOT)
         rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
         if done.returncode or not rows:
