@@ -102,6 +102,7 @@ def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> d
             block_norms=args.block_norms,
             model_epochs=args.model_epochs,
             model_lr=args.model_lr,
+            model_map_lr=args.model_map_lr,
             block_windows=args.block_windows,
             damp=args.damp,
         )
@@ -159,6 +160,7 @@ def main() -> None:
         "--model-epochs", type=int, default=QuantizeConfig.model_epochs, help="jlcm model phase"
     )
     parser.add_argument("--model-lr", type=float, default=QuantizeConfig.model_lr)
+    parser.add_argument("--model-map-lr", type=float, default=QuantizeConfig.model_map_lr)
     parser.add_argument(
         "--block-windows", type=int, help="calibration windows of the per-block phases (all)"
     )
@@ -188,6 +190,7 @@ def main() -> None:
         "jlcm_block_norms": args.block_norms,
         "jlcm_model_epochs": args.model_epochs,
         "jlcm_model_lr": args.model_lr,
+        "jlcm_model_map_lr": args.model_map_lr,
         "block_windows": args.block_windows,
         "damp": args.damp,
     }

@@ -105,6 +105,7 @@ def _compress_quantize(args: argparse.Namespace) -> int:
         "block_norms",
         "model_epochs",
         "model_lr",
+        "model_map_lr",
         "block_windows",
         "damp",
         "skip",
@@ -405,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model's logits, one block in memory at a time; default: 4; 0 skips it)",
     )
     p.add_argument("--model-lr", type=float, help="jlcm model phase learning rate (default: 3e-4)")
+    p.add_argument(
+        "--model-map-lr",
+        type=float,
+        help="jlcm model phase: step of the mappings' latent weights, as --block-map-lr "
+        "(default: 0, the codes stay)",
+    )
     p.add_argument(
         "--block-windows",
         type=int,

@@ -356,6 +356,28 @@ def test_jlcm_model_phase_lowers_the_models_kl_one_block_decoded_at_a_time(monke
     assert most[0] == 7  # q, k, v, o, gate, up, down of one block; without checkpoints 14+
 
 
+def test_jlcm_model_phase_learns_the_mappings_only_when_asked():
+    """``model_map_lr``: the model phase also moves codes on the logits' KL, and ends with a
+    lower KL than with the codebooks alone; at 0 it changes no code."""
+    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(map_lr):
+        m = _peaked_llama()
+        config = quantize.JLCMConfig(
+            bits=2, steps=10, model_epochs=4, model_lr=1e-3, model_map_lr=map_lr
+        )
+        return m, decoder.quantize_decoder(m, config, ids, progress=False)["model"]
+
+    fixed, fixed_report = run(0.0)
+    learned, learned_report = run(0.01)
+    assert fixed_report["codes_changed"] == 0
+    assert learned_report["codes_changed"] > 0
+    assert learned_report["kl_before"] == fixed_report["kl_before"]
+    assert learned_report["kl_after"] < fixed_report["kl_after"]
+    codes = [n for n in fixed.state_dict() if n.endswith(".codes")]
+    assert any(not torch.equal(learned.state_dict()[n], fixed.state_dict()[n]) for n in codes)
+
+
 def test_block_windows_limit_the_per_block_phases_and_the_model_phase_sees_every_window():
     """With ``block_windows=3`` of 8 windows, the layers, blocks and head are coded exactly as
     from the first 3 windows alone; the model phase then learns from all 8."""

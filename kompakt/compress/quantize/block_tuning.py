@@ -139,7 +139,7 @@ def tune_codebooks(
         for p in norms
     ]
     groups += [
-        {"params": [item.latent], "lr": map_lr * float(item.latent.std())}
+        {"params": [item.latent], "lr": map_lr * float(item.latent.detach().std())}
         for item in learned
         if item.latent is not None
     ]

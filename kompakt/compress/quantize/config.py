@@ -48,7 +48,9 @@ class QuantizeConfig:
     the model phase, after every layer is coded: all codebooks (and, with block_norms, all
     normalisation weights) learned together on the KL divergence of the model's next-token
     distributions to the fp model's over the calibration windows, one block in memory at a
-    time (gradient checkpointing); 0 epochs skips it. block_windows: decoder language
+    time (gradient checkpointing); 0 epochs skips it. model_map_lr: the model phase's step for
+    the mappings' latent weights, as block_map_lr is the block phase's (0: the codes stay).
+    block_windows: decoder language
     models: the per-block phases (each layer's fit, the block and head phases) calibrate on the
     first ``block_windows`` calibration windows, whose cost grows with every window, while
     the model phase learns from all of them; None: every phase uses all.
@@ -70,6 +72,7 @@ class QuantizeConfig:
     block_norms: bool = True
     model_epochs: int = 4
     model_lr: float = 3e-4
+    model_map_lr: float = 0.0
     block_windows: int | None = None
     kmeans_iters: int = 25
     damp: float | None = None
@@ -103,6 +106,7 @@ class QuantizeConfig:
             f"block_windows must be >= 1 (or None: all), got {self.block_windows}",
         )
         check(self.block_map_lr >= 0, f"block_map_lr must be >= 0, got {self.block_map_lr}")
+        check(self.model_map_lr >= 0, f"model_map_lr must be >= 0, got {self.model_map_lr}")
         check(self.damp is None or self.damp >= 0, f"damp must be >= 0, got {self.damp}")
         object.__setattr__(self, "skip", tuple(self.skip))
 

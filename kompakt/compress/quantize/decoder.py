@@ -309,9 +309,14 @@ def quantize_decoder(
             config.model_epochs,
             config.model_lr,
             1,
+            config.model_map_lr,
             norms=_norm_weights(base) if config.block_norms else [],
         )
-        reports["model"] = {"kl_before": result["before"], "kl_after": result["after"]}
+        reports["model"] = {
+            "kl_before": result["before"],
+            "kl_after": result["after"],
+            "codes_changed": result["codes_changed"],
+        }
     return reports
 
 

@@ -450,7 +450,7 @@ def summarize(
     unique = list({id(m.codes): m for m in model.modules() if isinstance(m, CodedLayer)}.values())
     weights = sum(m.layout.rows * m.layout.cols for m in unique)
     stored = sum(m.weight_bits() for m in unique)
-    model_phase = reports.get("model", {})  # JLCM's model phase: the logits' KL before and after
+    model_phase = reports.get("model", {})  # JLCM's model phase: KL before, after; codes changed
     reports = {name: r for name, r in reports.items() if name != "model"}
     errors = [r["error"] for r in reports.values()]
     metrics = {
