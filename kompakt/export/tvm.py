@@ -55,11 +55,13 @@ from kompakt.runtime.tvm import BUNDLE_FORMAT, MANIFEST, PARAMS
 
 
 def _prepared(model: nn.Module) -> tuple[nn.Module, int, int]:
-    """A copy of ``model`` with Codebook layers fused, batch norms folded, and every
-    persistent buffer made a parameter (non-persistent ones, e.g. rotary frequencies, become
-    library constants); with the numbers of Codebook layers and of folded batch norms."""
+    """A copy of ``model`` with Codebook layers fused, batch norms folded, Linear weights
+    stored input-major, and every persistent buffer made a parameter (non-persistent ones,
+    e.g. rotary frequencies, become library constants); with the numbers of Codebook layers
+    and of folded batch norms."""
     model, coded = fused_copy(model)
     model, folded = _batch_norms_folded(model)
+    _linears_input_major(model)
     for module in model.modules():
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and name not in module._non_persistent_buffers_set:
@@ -87,6 +89,39 @@ def _batch_norms_folded(model: nn.Module) -> tuple[nn.Module, int]:
     except Exception:  # not symbolically traceable: compiled as it is
         return model, 0
     return folded, norms - count(folded)
+
+
+class _InputMajorLinear(nn.Module):
+    """``nn.Linear`` with its weight stored transposed, ``[in, out]``: the Relax importer
+    turns ``linear`` into a transpose of the weight and a matmul, and with the weight an
+    input of the compiled model that transpose would run on every call."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads a Linear's weight directly
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(x, self.weight_t)
+        return out if self.bias is None else out + self.bias
+
+
+def _linears_input_major(model: nn.Module) -> None:
+    """Each ``nn.Linear`` of ``model`` (a fused copy) with a weight of its own becomes an
+    :class:`_InputMajorLinear`; a weight tied to another module (an LM head and its token
+    table) stays as it is, stored once."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[p.data_ptr()] = owners.get(p.data_ptr(), 0) + 1
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and owners[module.weight.data_ptr()] == 1:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, _InputMajorLinear(module))
 
 
 # ---- Relax lowering of the custom ops -------------------------------------------------

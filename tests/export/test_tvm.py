@@ -115,9 +115,18 @@ def test_host_parity_llama(method, tmp_path):
 
 
 def test_dense_llama_host_parity(tmp_path):
+    """Parity, and the bundle holds the Linear weights input-major (``[in, out]``, so no
+    transpose runs per call) and the tied token table once, as it is."""
     ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
     other = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(1))
-    _host_parity(tiny_llama(), ids, other, tmp_path / "bundle")
+    model = tiny_llama()
+    _host_parity(model, ids, other, tmp_path / "bundle")
+    shapes = [a.shape for a in read_tensors(tmp_path / "bundle" / "params.ktns").values()]
+    assert shapes.count((96, 32)) == 1 and (32, 96) not in shapes  # the tied table
+    attention = model.model.layers[0].self_attn
+    assert tuple(attention.k_proj.weight.shape) == (16, 32)  # [out, in] in torch
+    assert shapes.count((32, 16)) == 4 and (16, 32) not in shapes  # k and v of each block
+    assert shapes.count((32, 64)) == 4 and shapes.count((64, 32)) == 2  # gate, up; down
 
 
 @register("test_linear_stack")
