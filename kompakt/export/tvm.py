@@ -113,13 +113,13 @@ class _InputMajorLinear(nn.Module):
 def _linears_input_major(model: nn.Module) -> None:
     """Each ``nn.Linear`` of ``model`` (a fused copy) with a weight of its own becomes an
     :class:`_InputMajorLinear`; a weight tied to another module (an LM head and its token
-    table) stays as it is, stored once."""
+    table) stays as it is, stored once, and so does a model that is one bare Linear."""
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[p.data_ptr()] = owners.get(p.data_ptr(), 0) + 1
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and owners[module.weight.data_ptr()] == 1:
+        if name and type(module) is nn.Linear and owners[module.weight.data_ptr()] == 1:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, _InputMajorLinear(module))
 

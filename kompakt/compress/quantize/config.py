@@ -50,10 +50,10 @@ class QuantizeConfig:
     distributions to the fp model's over the calibration windows, one block in memory at a
     time (gradient checkpointing); 0 epochs skips it. model_map_lr: the model phase's step for
     the mappings' latent weights, as block_map_lr is the block phase's (0: the codes stay).
-    block_windows: decoder language
-    models: the per-block phases (each layer's fit, the block and head phases) calibrate on the
-    first ``block_windows`` calibration windows, whose cost grows with every window, while
-    the model phase learns from all of them; None: every phase uses all.
+    block_windows: decoder language models: the per-block phases (each layer's fit, the
+    block and head phases) calibrate on the first ``block_windows`` calibration windows,
+    whose cost grows with every window, while the model phase learns from all of them;
+    None: every phase uses all.
     damp: gptq / jlcm damping of the input moments H (fraction of their mean diagonal);
     None: the method's own, 0.01 for gptq, 0.2 for jlcm (the better of the two for each on
     SmolLM2-135M with 16 calibration windows).
