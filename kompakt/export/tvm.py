@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,7 @@ def _linears_input_major(model: nn.Module) -> None:
     """Each ``nn.Linear`` of ``model`` (a fused copy) with a weight of its own becomes an
     :class:`_InputMajorLinear`; a weight tied to another module (an LM head and its token
     table) stays as it is, stored once, and so does a model that is one bare Linear."""
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[p.data_ptr()] = owners.get(p.data_ptr(), 0) + 1
+    owners = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
     for name, module in list(model.named_modules()):
         if name and type(module) is nn.Linear and owners[module.weight.data_ptr()] == 1:
             parent, _, child = name.rpartition(".")
