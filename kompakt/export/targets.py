@@ -61,6 +61,11 @@ _X86_FEATURES = {
     "avx2": "+avx2",
     "fma": "+fma",
     "f16c": "+f16c",
+    "avx512f": "+avx512f",
+    "avx512cd": "+avx512cd",
+    "avx512bw": "+avx512bw",
+    "avx512dq": "+avx512dq",
+    "avx512vl": "+avx512vl",
 }
 
 

@@ -19,24 +19,17 @@ import math
 
 from tvm.script import tirx as T
 
-LANES = 8
-"""Vector width of the dot products (fp32 lanes: two NEON or one AVX2 register)."""
 TILE = 8
 """Weight rows decoded together by ``codebook_linear`` (``TILE * cols`` floats at a time)."""
 TOKENS = 4
 """Input rows ``codebook_linear`` multiplies at once."""
 ROWS = 2
 """Weight rows ``codebook_linear`` multiplies at once (``ROWS * TOKENS`` vector accumulators)."""
-PANEL = 16
-"""Large inputs: tokens per panel of the packed input (two AVX2 or four NEON vectors)."""
 PANEL_ROWS = 6
-"""Large inputs: weight rows multiplied at once (``PANEL_ROWS x PANEL`` accumulators)."""
+"""Large inputs: weight rows multiplied at once (``PANEL_ROWS x 2`` vector accumulators)."""
 BIG_TILE = 48
 """Large inputs: weight rows decoded together (kept in L2; each input panel is read once per
 tile)."""
-LARGE = PANEL
-"""Input rows from which ``codebook_linear`` packs its input into panels (below one full
-panel, the row-by-row dot wastes no multiply-adds on padding tokens)."""
 ON_STACK = {"disable_lower_builtin": True}
 """For a small per-thread buffer: a stack array that LLVM can keep in registers, where TVM
 would otherwise allocate it from its workspace pool on every iteration of the parallel loop
@@ -59,6 +52,14 @@ class CodedShape:
     has_scales: bool
     has_offsets: bool
     permute: bool = False  # the target has AVX2: decode 8 codes at a time with vpermps
+    lanes: int = 8  # fp32 lanes of the target's vector register: 8 (AVX2; two NEON), 16 (AVX-512)
+
+    @property
+    def panel(self) -> int:
+        """Large inputs: tokens per panel of the packed input, two vectors; also the input
+        rows from which ``codebook_linear`` packs its input into panels (below one full
+        panel, the row-by-row dot wastes no multiply-adds on padding tokens)."""
+        return 2 * self.lanes
 
 
 def _decoder(s: CodedShape):
@@ -158,64 +159,65 @@ def _decoder(s: CodedShape):
 def codebook_linear(s: CodedShape):
     """``y[n, rows] = x[n, cols] @ decode(codes).T + bias``, tiles of rows in parallel.
 
-    Fewer than ``LARGE`` input rows: each tile of ``TILE`` decoded rows is multiplied ``ROWS``
-    weight rows by ``TOKENS`` input rows at a time (``dot``), so each vector load feeds
-    several multiply-adds. From ``LARGE`` on: the input is first packed into panels of
-    ``PANEL`` tokens (``[panels, cols, PANEL]``); each tile of ``BIG_TILE`` decoded rows then
-    multiplies every panel ``PANEL_ROWS`` rows at a time (``panel_dot``): per column,
-    ``PANEL / 8`` vector loads of tokens and one broadcast weight per row feed
-    ``PANEL_ROWS x PANEL / 8`` vector multiply-adds into register accumulators, with no
+    Vectors have ``s.lanes`` fp32 lanes. Fewer than ``s.panel`` input rows: each tile of
+    ``TILE`` decoded rows is multiplied ``ROWS`` weight rows by ``TOKENS`` input rows at a
+    time (``dot``), so each vector load feeds several multiply-adds. From ``s.panel`` on: the
+    input is first packed into panels of ``s.panel`` tokens (``[panels, cols, panel]``); each
+    tile of ``BIG_TILE`` decoded rows then multiplies every panel ``PANEL_ROWS`` rows at a
+    time (``panel_dot``): per column, two vector loads of tokens and one broadcast weight per
+    row feed ``PANEL_ROWS x 2`` vector multiply-adds into register accumulators, with no
     horizontal sums."""
     decode_row = _decoder(s)
-    whole = s.cols // LANES * LANES
+    lanes, panel = s.lanes, s.panel
+    whole = s.cols // lanes * lanes
     tiles = -(-s.rows // TILE)
     big_tiles = -(-s.rows // BIG_TILE)
 
     @T.macro
     def panel_dot(y, xt, w, bias, n, b, t, r):
-        """``y[b * PANEL + k, t * BIG_TILE + r + m] = x[b * PANEL + k] . w[r + m] + bias`` for
+        """``y[b * panel + k, t * BIG_TILE + r + m] = x[b * panel + k] . w[r + m] + bias`` for
         the panel's tokens below ``n`` and ``m < PANEL_ROWS``."""
-        acc = T.alloc_buffer((PANEL_ROWS, PANEL), "float32", annotations=ON_STACK)
+        acc = T.alloc_buffer((PANEL_ROWS, panel), "float32", annotations=ON_STACK)
         for m in T.unroll(PANEL_ROWS):
-            for k in T.vectorized(PANEL):
+            for k in T.vectorized(panel):
                 acc[m, k] = T.float32(0)
         for c in range(s.cols):
             for m in T.unroll(PANEL_ROWS):
-                for k in T.vectorized(PANEL):
+                for k in T.vectorized(panel):
                     acc[m, k] = acc[m, k] + w[r + m, c] * xt[b, c, k]
         for m in T.unroll(PANEL_ROWS):
             row = t * BIG_TILE + r + m
             if row < s.rows:
-                for k in range(PANEL):
-                    if b * PANEL + k < n:
-                        y[b * PANEL + k, row] = acc[m, k] + bias[row]
+                for k in range(panel):
+                    if b * panel + k < n:
+                        y[b * panel + k, row] = acc[m, k] + bias[row]
 
     @T.macro
     def dot(y, x, w, bias, i, count, t, r):
         """``y[i + k, t * TILE + r + m] = x[i + k] . w[r + m] + bias`` for ``k < count`` and
         ``m < ROWS``: ``ROWS x TOKENS`` vector accumulators, each weight vector loaded once
         for ``TOKENS`` inputs and each input vector once for ``ROWS`` weight rows."""
-        acc = T.alloc_buffer((ROWS, TOKENS, LANES), "float32", annotations=ON_STACK)
+        acc = T.alloc_buffer((ROWS, TOKENS, lanes), "float32", annotations=ON_STACK)
         for m in T.unroll(ROWS):
             for k in T.unroll(TOKENS):
-                for j in T.vectorized(LANES):
+                for j in T.vectorized(lanes):
                     acc[m, k, j] = T.float32(0)
-        for kk in range(whole // LANES):
+        for kk in range(whole // lanes):
             for k in T.unroll(TOKENS):
                 if T.Cast("int64", k) < count:
                     for m in T.unroll(ROWS):
-                        for j in T.vectorized(LANES):
+                        for j in T.vectorized(lanes):
                             acc[m, k, j] = (
                                 acc[m, k, j]
-                                + x[i + T.Cast("int64", k), kk * LANES + j]
-                                * w[r + m, kk * LANES + j]
+                                + x[i + T.Cast("int64", k), kk * lanes + j]
+                                * w[r + m, kk * lanes + j]
                             )
         for m in T.unroll(ROWS):
             for k in T.unroll(TOKENS):
                 if T.Cast("int64", k) < count and t * TILE + r + m < s.rows:
                     total = T.alloc_buffer((1,), "float32", annotations=ON_STACK)
                     total[0] = bias[t * TILE + r + m]
-                    for j in T.unroll(LANES):
+                    for j in T.unroll(lanes):
                         total[0] = total[0] + acc[m, k, j]
                     for c in range(whole, s.cols):
                         total[0] = total[0] + x[i + T.Cast("int64", k), c] * w[r + m, c]
@@ -235,7 +237,7 @@ def codebook_linear(s: CodedShape):
         n = T.int64()
         x = T.match_buffer(var_x, (n, s.cols), "float32")
         y = T.match_buffer(var_y, (n, s.rows), "float32")
-        if n < LARGE:
+        if n < panel:
             for t in T.parallel(tiles):
                 # a tile of decoded rows; each input row is read once per tile, from L1
                 w = T.alloc_buffer((TILE, s.cols), "float32")
@@ -249,12 +251,12 @@ def codebook_linear(s: CodedShape):
                     for r in range(TILE // ROWS):
                         dot(y, x, w, bias, n // TOKENS * TOKENS, n % TOKENS, t, r * ROWS)
         else:
-            # xt[b, c, k] = x[b * PANEL + k, c], zero past the last token
-            xt = T.alloc_buffer(((n + PANEL - 1) // PANEL, s.cols, PANEL), "float32")
-            for b in T.parallel((n + PANEL - 1) // PANEL):
+            # xt[b, c, k] = x[b * panel + k, c], zero past the last token
+            xt = T.alloc_buffer(((n + panel - 1) // panel, s.cols, panel), "float32")
+            for b in T.parallel((n + panel - 1) // panel):
                 for c in range(s.cols):
-                    for k in range(PANEL):
-                        i = b * PANEL + k
+                    for k in range(panel):
+                        i = b * panel + k
                         xt[b, c, k] = T.if_then_else(i < n, x[T.min(i, n - 1), c], T.float32(0))
             for t in T.parallel(big_tiles):
                 # past the last weight row, the last row again (its outputs are not stored)
@@ -262,7 +264,7 @@ def codebook_linear(s: CodedShape):
                 for r in range(BIG_TILE):
                     row = T.min(t * BIG_TILE + r, s.rows - 1)
                     decode_row(w, r, codes, codebook, group, scales, offsets, row)
-                for b in range((n + PANEL - 1) // PANEL):
+                for b in range((n + panel - 1) // panel):
                     for r in range(BIG_TILE // PANEL_ROWS):
                         panel_dot(y, xt, w, bias, n, b, t, r * PANEL_ROWS)
 

@@ -171,18 +171,25 @@ def test_kernels_every_bit_width_odd_shapes(bits, tmp_path):
     coded, x = _coded_stack(bits)
     assert isinstance(coded[0], CodebookLinear)
     _host_parity(coded, x, torch.randn(7, 37), tmp_path / "bundle")
-    # from LARGE input rows on, the linear kernel packs its input into panels of PANEL tokens
-    big = torch.randn(tvm_kernels.LARGE + tvm_kernels.PANEL // 2 + 1, 37)  # a ragged panel
-    _assert_bundle_matches(tmp_path / "bundle", coded, big)
+    # from one panel of input rows on (16 tokens, 32 with AVX-512), the linear kernel packs
+    # its input into panels: 49 rows end in a ragged panel either way
+    _assert_bundle_matches(tmp_path / "bundle", coded, torch.randn(49, 37))
+
+
+NARROWER = {
+    "plain x86-64": '{"kind": "llvm"}',  # the scalar decode, not vpermps
+    "AVX2 only": '{"kind": "llvm", "mattr": ["+avx", "+avx2", "+fma", "+f16c"]}',  # 8 lanes
+}
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_kernels_without_avx2_decode_a_chunk_at_a_time(bits, tmp_path):
-    """A target without AVX2 (plain x86-64) gets the scalar decode, not ``vpermps``."""
+@pytest.mark.parametrize("target", NARROWER)
+def test_kernels_on_narrower_targets(bits, target, tmp_path):
+    """The kernels of targets below the host's vector width, on the host."""
     coded, x = _coded_stack(bits)
-    report = export.tvm(coded, x, tmp_path / "b", target='{"kind": "llvm"}')
+    report = export.tvm(coded, x, tmp_path / "b", target=NARROWER[target])
     assert report["validation"]["valid"], report["validation"]
-    _assert_bundle_matches(tmp_path / "b", coded, torch.randn(tvm_kernels.LARGE + 3, 37))
+    _assert_bundle_matches(tmp_path / "b", coded, torch.randn(19, 37))  # one 16-token panel
 
 
 def test_vector_decode_only_where_asked():
