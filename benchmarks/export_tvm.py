@@ -42,6 +42,7 @@ from torch import nn
 
 import kompakt
 from kompakt import export
+from kompakt.export.targets import resolve
 from kompakt.runtime import runner
 from kompakt.runtime.bench import bench, peak_rss_bytes
 
@@ -254,6 +255,7 @@ def main() -> None:
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "tvm_target": resolve("host").tvm,
         "command": "benchmarks/export_tvm.py " + " ".join(sys.argv[1:]),
         **floors(args.work / "floor", args.repeats),
     }
