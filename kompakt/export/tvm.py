@@ -134,7 +134,8 @@ def _kernel(kind: str, shape):
     return kernel.with_attr("tirx.is_scheduled", True)
 
 
-def _coded_shape(node, permute: bool, lanes: int):
+def _coded_shape(node, vector: dict[str, Any]):
+    """The kernel's static shape; ``vector``: the target's fields of it (permute, lanes)."""
     from kompakt.export.tvm_kernels import CodedShape
 
     # both ops: (input, codes, codebook, group, scales, ...)
@@ -152,16 +153,15 @@ def _coded_shape(node, permute: bool, lanes: int):
         block=block,
         has_scales=has_scales,
         has_offsets=has_offsets,
-        permute=permute,
-        lanes=lanes,
+        **vector,
     )
 
 
-def _lower(kind: str, tensors: int, permute: bool, lanes: int):
+def _lower(kind: str, tensors: int, vector: dict[str, Any]):
     def convert(node, importer):
         from tvm import relax
 
-        shape = _coded_shape(node, permute, lanes)
+        shape = _coded_shape(node, vector)
         args = [importer.env[a] for a in node.args[:tensors]]
         n = args[0].ty.shape[0]
         out = (n, shape.rows) if kind == "linear" else (n, shape.cols)
@@ -177,10 +177,10 @@ def _convert_map(target: Target) -> dict[str, Any]:
     """The kernels decode with AVX2's permute where the target's ``mattr`` lists ``+avx2``,
     and multiply 16-lane vectors where it lists ``+avx512f`` (8 otherwise)."""
     mattr = target.tvm.get("mattr", [])
-    permute, lanes = "+avx2" in mattr, 16 if "+avx512f" in mattr else 8
+    vector = {"permute": "+avx2" in mattr, "lanes": 16 if "+avx512f" in mattr else 8}
     return {
-        "codebook_linear.default": _lower("linear", 7, permute, lanes),
-        "codebook_rows.default": _lower("rows", 6, permute, lanes),
+        "codebook_linear.default": _lower("linear", 7, vector),
+        "codebook_rows.default": _lower("rows", 6, vector),
     }
 
 
