@@ -122,6 +122,8 @@ def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> d
         "size_mb": round(size / 1e6, 2),
         "perplexity": round(ppl, 3),
         "compress_seconds": round(seconds, 1),
+        # where a decoder run's time went (coding, moments, fp_stream, block_phase, model_phase)
+        **{k: round(v, 1) for k, v in metrics.items() if k.endswith("_seconds")},
         "peak_rss_mb": round(peak_rss / 1e6, 1),
         "test_windows": len(windows["test"]),
         "calib_windows": len(windows["valid"]),

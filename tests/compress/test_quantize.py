@@ -378,6 +378,20 @@ def test_jlcm_model_phase_learns_the_mappings_only_when_asked():
     assert any(not torch.equal(learned.state_dict()[n], fixed.state_dict()[n]) for n in codes)
 
 
+def test_decoder_metrics_split_the_wall_time_by_phase():
+    """A decoder's run reports where its time went: the fp stream, the moments and quantized
+    stream, the block phase and the model phase besides the layers' coding, together no more
+    than the whole run."""
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    config = quantize.JLCMConfig(bits=3, steps=5, block_epochs=1, model_epochs=1)
+    model = quantize.jlcm(tiny_llama(), config, ids, progress=False)
+    metrics = artifact.record_of(model).steps[-1]["metrics"]
+    phases = ("fp_stream", "moments", "block_phase", "model_phase", "coding")
+    parts = {phase: metrics[f"{phase}_seconds"] for phase in phases}
+    assert all(parts[phase] > 0 for phase in ("block_phase", "model_phase", "coding"))
+    assert sum(parts.values()) <= metrics["seconds"] + 0.05  # each rounded to 0.01 s
+
+
 def test_block_windows_limit_the_per_block_phases_and_the_model_phase_sees_every_window():
     """With ``block_windows=3`` of 8 windows, the layers, blocks and head are coded exactly as
     from the first 3 windows alone; the model phase then learns from all 8."""

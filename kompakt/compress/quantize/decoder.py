@@ -20,7 +20,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,18 @@ def _run_block(
                 for start in range(0, hidden.shape[0], BATCH)
             ]
         )
+
+
+@contextmanager
+def _timed(reports: dict[str, dict[str, Any]], phase: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` body to ``reports["phases"][phase]`` (seconds; kept
+    with the reports, so a resumed run counts its earlier blocks too)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases = reports.setdefault("phases", {})
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -211,8 +224,9 @@ def quantize_decoder(
         layers = quantizable(block, config, prefix)
         hidden = streams["hidden"]
         if tuning:
-            streams["fp_hidden"] = _run_block(block, streams["fp_hidden"], rope)
-        with record_inputs(layers) as moments:
+            with _timed(reports, "fp_stream"):
+                streams["fp_hidden"] = _run_block(block, streams["fp_hidden"], rope)
+        with _timed(reports, "moments"), record_inputs(layers) as moments:
             _run_block(block, hidden, rope)
         hs = {n: moments[n].hessian() for n in layers}
         widths = budget.allocate(
@@ -232,24 +246,26 @@ def quantize_decoder(
                 "seconds": time.perf_counter() - t0,
             }
         if tuning:
-            result = tune_codebooks(
-                [block.get_submodule(name) for name in layers],
-                lambda x, block=block: _block_forward(block, x, rope),
-                hidden,
-                relative_mse(streams["fp_hidden"][: len(hidden)]),
-                config.block_epochs,
-                config.block_lr,
-                TUNING_BATCH,
-                config.block_map_lr,
-                norms=_norm_weights(block) if config.block_norms else [],
-            )
+            with _timed(reports, "block_phase"):
+                result = tune_codebooks(
+                    [block.get_submodule(name) for name in layers],
+                    lambda x, block=block: _block_forward(block, x, rope),
+                    hidden,
+                    relative_mse(streams["fp_hidden"][: len(hidden)]),
+                    config.block_epochs,
+                    config.block_lr,
+                    TUNING_BATCH,
+                    config.block_map_lr,
+                    norms=_norm_weights(block) if config.block_norms else [],
+                )
             for name in layers:
                 reports[prefix + name].update(
                     block_error_before=result["before"],
                     block_error_after=result["after"],
                     block_codes_changed=result["codes_changed"],
                 )
-        streams["hidden"] = _run_block(block, hidden, rope)
+        with _timed(reports, "moments"):
+            streams["hidden"] = _run_block(block, hidden, rope)
         record.plan.extend(entries)
         done.extend(entries)
         if saved:
@@ -301,17 +317,18 @@ def quantize_decoder(
         record.plan.append(base.embed_tokens.plan_entry("model.embed_tokens"))
         reports["model.embed_tokens"] = {**info, "bits": budget.low}
     if tuning and config.model_epochs > 0:
-        result = tune_codebooks(
-            [m for m in model.modules() if isinstance(m, CodedLayer)],
-            _checkpointed_logits(model, rope),
-            calibration,
-            fp_logits,
-            config.model_epochs,
-            config.model_lr,
-            1,
-            config.model_map_lr,
-            norms=_norm_weights(base) if config.block_norms else [],
-        )
+        with _timed(reports, "model_phase"):
+            result = tune_codebooks(
+                [m for m in model.modules() if isinstance(m, CodedLayer)],
+                _checkpointed_logits(model, rope),
+                calibration,
+                fp_logits,
+                config.model_epochs,
+                config.model_lr,
+                1,
+                config.model_map_lr,
+                norms=_norm_weights(base) if config.block_norms else [],
+            )
         reports["model"] = {
             "kl_before": result["before"],
             "kl_after": result["after"],

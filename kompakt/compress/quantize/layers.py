@@ -451,10 +451,13 @@ def summarize(
     weights = sum(m.layout.rows * m.layout.cols for m in unique)
     stored = sum(m.weight_bits() for m in unique)
     model_phase = reports.get("model", {})  # JLCM's model phase: KL before, after; codes changed
-    reports = {name: r for name, r in reports.items() if name != "model"}
+    phases = reports.get("phases", {})  # a decoder's wall time outside the layers' coding
+    reports = {name: r for name, r in reports.items() if name not in ("model", "phases")}
     errors = [r["error"] for r in reports.values()]
     metrics = {
         **{"model_" + key: value for key, value in model_phase.items()},
+        **{f"{phase}_seconds": round(value, 2) for phase, value in phases.items()},
+        "coding_seconds": round(sum(r.get("seconds", 0.0) for r in reports.values()), 2),
         "coded_layers": len(reports),
         "bits_per_weight": stored / weights if weights else 0.0,
         "coded_weight_bytes": stored // 8,
