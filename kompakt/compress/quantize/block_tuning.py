@@ -22,8 +22,8 @@ fp model: a block also learns to undo the error of the blocks before it.
   sustained gradient, never jumping to the codebook's extremes.
 
 The codebooks are rounded to fp16 (their stored precision), the codes re-read against them,
-and both are kept only if the loss over the calibration windows went down, so the phase never
-makes a block worse (the model phase checks on the per-block phases' windows only). The LM head is learned the same way on the KL divergence of its
+and both are kept only if the loss over all calibration windows went down, so the phase never
+makes a block worse. The LM head is learned the same way on the KL divergence of its
 next-token distribution to the fp head's (:func:`logits_kl`), and so, in the model phase,
 are all codebooks at once on the whole model's (each layer decodes on every call, so a
 forward under gradient checkpoints holds one block's decoded weights at a time).
@@ -114,17 +114,14 @@ def tune_codebooks(
     map_lr: float = 0.0,
     norms: Sequence[nn.Parameter] = (),
     seed: int = 0,
-    check_windows: int | None = None,
 ) -> dict[str, Any]:
     """Learn the codebooks of ``layers`` (which ``forward`` computes with) by Adam on
     ``loss(forward(inputs[index]), index)``, mean over the calibration windows ``inputs``, with
     ``map_lr > 0`` their mappings too, and the ``norms`` (normalisation weights ``forward``
-    uses, learned in place); returns that loss before and after, over the first
-    ``check_windows`` windows (None: all; the result is kept only if it went down), and the
-    fraction of codes that changed."""
+    uses, learned in place); returns that loss before and after (the result is
+    kept only if it went down) and the fraction of codes that changed."""
     learned = _learned(layers, map_lr > 0)
-    batches = list(torch.arange(len(inputs))[:check_windows].split(batch))
-    checked = sum(len(i) for i in batches)
+    batches = list(torch.arange(len(inputs)).split(batch))
     start_codes = [item.codes for item in learned]
     start_norms = [p.detach().clone() for p in norms]
 
@@ -132,7 +129,7 @@ def tune_codebooks(
         with torch.no_grad():
             for item, codebook in zip(learned, codebooks, strict=True):
                 item.decode(codebook)
-            return sum(float(loss(forward(inputs[i]), i)) * len(i) for i in batches) / checked
+            return sum(float(loss(forward(inputs[i]), i)) * len(i) for i in batches) / len(inputs)
 
     groups = [{"params": [item.codebook for item in learned], "lr": lr}]
     # a norm weight moves by the same fraction of its size per step as a codeword does

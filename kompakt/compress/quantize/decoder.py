@@ -328,7 +328,6 @@ def quantize_decoder(
                 1,
                 config.model_map_lr,
                 norms=_norm_weights(base) if config.block_norms else [],
-                check_windows=config.block_windows,
             )
         reports["model"] = {
             "kl_before": result["before"],
