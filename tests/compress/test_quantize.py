@@ -394,7 +394,8 @@ def test_decoder_metrics_split_the_wall_time_by_phase():
 
 def test_block_windows_limit_the_per_block_phases_and_the_model_phase_sees_every_window():
     """With ``block_windows=3`` of 8 windows, the layers, blocks and head are coded exactly as
-    from the first 3 windows alone; the model phase then learns from all 8."""
+    from the first 3 windows alone; the model phase then learns from all 8, and its
+    keep-if-better check measures the KL on the last 3, which the per-block phases did not fit."""
     ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(2))
 
     def run(windows, block_windows, model_epochs):
@@ -413,10 +414,21 @@ def test_block_windows_limit_the_per_block_phases_and_the_model_phase_sees_every
         everything.state_dict()["lm_head.codebook"], first.state_dict()["lm_head.codebook"]
     )
 
+    fp = _peaked_llama()
+
+    def kl(model, rows: slice) -> float:  # KL(fp || a coded model going into the model phase)
+        with torch.no_grad():
+            ref = torch.log_softmax(fp(ids[rows]).logits, -1)
+            out = torch.log_softmax(model(ids[rows]).logits, -1)
+        return float((ref.exp() * (ref - out)).sum(-1).mean())
+
     _, limited_reports = run(ids, 3, 1)
-    _, first_reports = run(ids[:3], None, 1)
-    # the same coded model going in; the KL over 8 windows is not the KL over the first 3
-    assert limited_reports["model"]["kl_before"] != first_reports["model"]["kl_before"]
+    assert limited_reports["model"]["kl_before"] == pytest.approx(
+        kl(limited, slice(5, 8)), rel=1e-4
+    )
+    assert kl(limited, slice(5, 8)) != pytest.approx(kl(limited, slice(0, 8)), rel=1e-2)
+    _, all_reports = run(ids, None, 1)  # no per-block subset: the check covers every window
+    assert all_reports["model"]["kl_before"] == pytest.approx(kl(everything, slice(0, 8)), rel=1e-4)
     with pytest.raises(ValueError, match="block_windows"):
         quantize.JLCMConfig(block_windows=0)
 

@@ -114,14 +114,17 @@ def tune_codebooks(
     map_lr: float = 0.0,
     norms: Sequence[nn.Parameter] = (),
     seed: int = 0,
+    check: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Learn the codebooks of ``layers`` (which ``forward`` computes with) by Adam on
     ``loss(forward(inputs[index]), index)``, mean over the calibration windows ``inputs``, with
     ``map_lr > 0`` their mappings too, and the ``norms`` (normalisation weights ``forward``
-    uses, learned in place); returns that loss before and after (the result is
-    kept only if it went down) and the fraction of codes that changed."""
+    uses, learned in place); returns that loss before and after over the windows ``check``
+    (indices; default all), the result being kept only if it went down there, and the
+    fraction of codes that changed."""
     learned = _learned(layers, map_lr > 0)
-    batches = list(torch.arange(len(inputs)).split(batch))
+    check = torch.arange(len(inputs)) if check is None else check
+    batches = list(check.split(batch))
     start_codes = [item.codes for item in learned]
     start_norms = [p.detach().clone() for p in norms]
 
@@ -129,7 +132,7 @@ def tune_codebooks(
         with torch.no_grad():
             for item, codebook in zip(learned, codebooks, strict=True):
                 item.decode(codebook)
-            return sum(float(loss(forward(inputs[i]), i)) * len(i) for i in batches) / len(inputs)
+            return sum(float(loss(forward(inputs[i]), i)) * len(i) for i in batches) / len(check)
 
     groups = [{"params": [item.codebook for item in learned], "lr": lr}]
     # a norm weight moves by the same fraction of its size per step as a codeword does

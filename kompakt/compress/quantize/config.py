@@ -52,7 +52,8 @@ class QuantizeConfig:
     the mappings' latent weights, as block_map_lr is the block phase's (0: the codes stay).
     block_windows: decoder language models: the per-block phases (each layer's fit, the
     block and head phases) calibrate on the first ``block_windows`` calibration windows,
-    whose cost grows with every window, while the model phase learns from all of them;
+    whose cost grows with every window, while the model phase learns from all of them and
+    checks its result on the last ``block_windows`` (where they do not overlap the first);
     None: every phase uses all.
     damp: gptq / jlcm damping of the input moments H (fraction of their mean diagonal);
     None: the method's own, 0.01 for gptq, 0.2 for jlcm (the better of the two for each on

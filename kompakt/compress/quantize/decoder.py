@@ -328,6 +328,7 @@ def quantize_decoder(
                 1,
                 config.model_map_lr,
                 norms=_norm_weights(base) if config.block_norms else [],
+                check=_check_windows(len(calibration), config.block_windows),
             )
         reports["model"] = {
             "kl_before": result["before"],
@@ -335,6 +336,16 @@ def quantize_decoder(
             "codes_changed": result["codes_changed"],
         }
     return reports
+
+
+def _check_windows(windows: int, block_windows: int | None) -> torch.Tensor | None:
+    """The windows of the model phase's keep-if-better check: as many as the per-block phases
+    calibrated on, from the end of the calibration set, which those phases did not fit (a
+    check on their own windows is biased toward the state they left); all windows (None)
+    where the two would overlap."""
+    if block_windows is None or 2 * block_windows > windows:
+        return None
+    return torch.arange(windows - block_windows, windows)
 
 
 def _checkpointed_logits(
