@@ -73,3 +73,24 @@ def test_dhspg_config_is_validated():
         oto.dhspg(sparsity=0.5)
     with pytest.raises(KompaktError, match="epsilon must be in"):
         oto.dhspg(epsilon=1.5)
+
+
+def test_dhspg_split_scores_magnitude_per_element_not_per_group_size():
+    """Two layers' hidden units, every step along the parameters (equal cosines): the units
+    of 69 elements have a root mean square of 1, those of 7 elements 0.89 (their mean
+    magnitude is the larger, 0.34 against 0.12). The split calls the 7-element units redundant;
+    a mean-magnitude score would pick the large ones for their size."""
+    model = nn.Sequential(nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        model[4].weight.fill_(0.5)
+    oto = prune.OTO(model, (torch.randn(2, 64),))
+    opt = oto.dhspg(lr=1e-3, momentum=0.0, target_group_sparsity=0.25, start_pruning_step=0)
+    for p in model.parameters():
+        p.grad = p.detach().clone()
+    opt.step()
+    small = {g.id for g in oto.prunable if any(n == "2.weight" and d == 0 for n, d, _ in g.slices)}
+    assert len(small) == 4 and len(oto.prunable) == 8
+    assert set(opt.redundant.nonzero().flatten().tolist()) < small
+    assert int(opt.redundant.sum()) == 2

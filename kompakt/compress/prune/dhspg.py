@@ -4,7 +4,7 @@ Each step first takes the base optimizer's trial step ``x_hat = x - lr * d`` (``
 SGD with momentum, Adam or AdamW). At ``start_pruning_step`` the prunable groups are split
 once into *redundant* and *important* by a saliency score: the cosine between a group's
 parameters and its direction ``d`` (a step that shrinks the group scores high) and the inverse
-of its mean magnitude, each L2-normalised over the groups, half and half. The
+of its root-mean-square magnitude, each L2-normalised over the groups, half and half. The
 ``target_group_sparsity`` fraction with the highest scores is redundant.
 
 From then on, until the target is reached, each redundant group ``g`` also takes a
@@ -166,13 +166,15 @@ class DHSPG(torch.optim.Optimizer):
         dd = group_reduce(oto.model, oto.slots, n, torch.square, directions)
         sizes = group_reduce(oto.model, oto.slots, n, torch.ones_like)
         cos = xd / (xx.sqrt() * dd.sqrt()).clamp_min(1e-12)
-        inv_mean = 1.0 / (xx.sqrt() / sizes.clamp_min(1) + 1e-6)
+        # root mean square, not mean |x| = rms / sqrt(size), which would call every large
+        # group (a channel coupled across a residual stage) redundant for its size alone
+        inv_rms = 1.0 / (xx.sqrt() / sizes.clamp_min(1).sqrt() + 1e-6)
         ids = torch.tensor([g.id for g in self.candidates], dtype=torch.long)
         if not len(ids):
             return
         score = (
             0.5 * cos[ids] / cos[ids].norm().clamp_min(1e-12)
-            + 0.5 * inv_mean[ids] / inv_mean[ids].norm()
+            + 0.5 * inv_rms[ids] / inv_rms[ids].norm()
         )
         order = ids[torch.argsort(score, descending=True, stable=True)].tolist()
         for g in oto.select(self.kind, order)[: self.target]:
