@@ -166,8 +166,8 @@ class DHSPG(torch.optim.Optimizer):
         dd = group_reduce(oto.model, oto.slots, n, torch.square, directions)
         sizes = group_reduce(oto.model, oto.slots, n, torch.ones_like)
         cos = xd / (xx.sqrt() * dd.sqrt()).clamp_min(1e-12)
-        # root mean square, not mean |x| = rms / sqrt(size), which would call every large
-        # group (a channel coupled across a residual stage) redundant for its size alone
+        # root mean square ||x|| / sqrt(size), not ||x|| / size = rms / sqrt(size), which
+        # calls large groups (channels coupled across a residual stage) redundant for their size
         inv_rms = 1.0 / (xx.sqrt() / sizes.clamp_min(1).sqrt() + 1e-6)
         ids = torch.tensor([g.id for g in self.candidates], dtype=torch.long)
         if not len(ids):
