@@ -238,18 +238,23 @@ def _peaked_llama():
     return m
 
 
-def test_jlcm_block_phase_lowers_each_blocks_error_the_heads_kl_and_the_models_kl():
-    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+def _kl_to_peaked(model: nn.Module, ids: torch.Tensor) -> float:
+    """Mean KL(fp || ``model``) of the next-token distributions on ``ids``, the fp model being
+    :func:`_peaked_llama`."""
     with torch.no_grad():
         ref = torch.log_softmax(_peaked_llama()(ids).logits, -1)
+        out = torch.log_softmax(model(ids).logits, -1)
+    return float((ref.exp() * (ref - out)).sum(-1).mean())
+
+
+def test_jlcm_block_phase_lowers_each_blocks_error_the_heads_kl_and_the_models_kl():
+    ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
 
     def run(epochs):
         m = _peaked_llama()
         config = quantize.JLCMConfig(bits=2, steps=10, block_epochs=epochs)
         reports = decoder.quantize_decoder(m, config, ids, progress=False)
-        with torch.no_grad():
-            out = torch.log_softmax(m(ids).logits, -1)
-        return float((ref.exp() * (ref - out)).sum(-1).mean()), reports
+        return _kl_to_peaked(m, ids), reports
 
     plain, _ = run(0)
     tuned, reports = run(4)
@@ -325,9 +330,6 @@ def test_jlcm_model_phase_lowers_the_models_kl_one_block_decoded_at_a_time(monke
     lower than after the block phase alone, and with each block under a gradient checkpoint
     the decoded weights alive at once are at most one block's, never the whole model's."""
     ids = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
-
-    with torch.no_grad():
-        ref = torch.log_softmax(_peaked_llama()(ids).logits, -1)
     alive: list = []
     most = [0]
     real = block_tuning._Learned.values
@@ -343,9 +345,7 @@ def test_jlcm_model_phase_lowers_the_models_kl_one_block_decoded_at_a_time(monke
         m = _peaked_llama()
         config = quantize.JLCMConfig(bits=2, steps=10, model_epochs=epochs, model_lr=1e-3)
         reports = decoder.quantize_decoder(m, config, ids, progress=False)
-        with torch.no_grad():
-            out = torch.log_softmax(m(ids).logits, -1)
-        return float((ref.exp() * (ref - out)).sum(-1).mean()), reports
+        return _kl_to_peaked(m, ids), reports
 
     blocks_only, _ = run(0)
     monkeypatch.setattr(block_tuning._Learned, "values", counted)
@@ -414,21 +414,15 @@ def test_block_windows_limit_the_per_block_phases_and_the_model_phase_sees_every
         everything.state_dict()["lm_head.codebook"], first.state_dict()["lm_head.codebook"]
     )
 
-    fp = _peaked_llama()
-
-    def kl(model, rows: slice) -> float:  # KL(fp || a coded model going into the model phase)
-        with torch.no_grad():
-            ref = torch.log_softmax(fp(ids[rows]).logits, -1)
-            out = torch.log_softmax(model(ids[rows]).logits, -1)
-        return float((ref.exp() * (ref - out)).sum(-1).mean())
-
+    # the KL of the coded models going into the model phase
     _, limited_reports = run(ids, 3, 1)
-    assert limited_reports["model"]["kl_before"] == pytest.approx(
-        kl(limited, slice(5, 8)), rel=1e-4
-    )
-    assert kl(limited, slice(5, 8)) != pytest.approx(kl(limited, slice(0, 8)), rel=1e-2)
+    last = _kl_to_peaked(limited, ids[5:])
+    assert limited_reports["model"]["kl_before"] == pytest.approx(last, rel=1e-4)
+    assert last != pytest.approx(_kl_to_peaked(limited, ids), rel=1e-2)
     _, all_reports = run(ids, None, 1)  # no per-block subset: the check covers every window
-    assert all_reports["model"]["kl_before"] == pytest.approx(kl(everything, slice(0, 8)), rel=1e-4)
+    assert all_reports["model"]["kl_before"] == pytest.approx(
+        _kl_to_peaked(everything, ids), rel=1e-4
+    )
     with pytest.raises(ValueError, match="block_windows"):
         quantize.JLCMConfig(block_windows=0)
 
