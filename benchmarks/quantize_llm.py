@@ -2,7 +2,8 @@
 
 Protocol: perplexity over the first ``--windows`` (128) non-overlapping 512-token windows of
 the WikiText-2 *test* split; calibration on the first ``--calib`` (16) windows of *valid*
-only. Every quantized model is produced by ``quantize_checkpoint`` streaming the safetensors
+only, every method on all of them (``--block-windows`` narrows only JLCM's per-block
+phases). Every quantized model is produced by ``quantize_checkpoint`` streaming the safetensors
 checkpoint block by block, in a fresh process per run so that its peak RSS is its own. All
 methods quantize every Linear layer and the tied embedding / lm_head table; fractional bits
 are per-layer mixes (the token table takes the wider width). RTN and GPTQ use asymmetric
@@ -10,7 +11,8 @@ grids with an fp16 scale and offset per ``--block`` columns; k-means and JLCM on
 codebook per group of 8 output neurons. Sizes are the artifact's safetensors file
 (codes, codebooks, scales, row groups, fp32 norms).
 
-Writes one JSON row per run to ``benchmarks/results/quantize_llm.jsonl``.
+Writes one JSON row per run to ``benchmarks/results/quantize_llm.jsonl``; with ``--resume``
+the same command skips the runs it has already written there (a table longer than a sitting).
 
     .venv/bin/python benchmarks/quantize_llm.py
 """
@@ -103,7 +105,7 @@ def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> d
             model_epochs=args.model_epochs,
             model_lr=args.model_lr,
             model_map_lr=args.model_map_lr,
-            block_windows=args.block_windows,
+            block_windows=args.block_windows if method == "jlcm" else None,
             damp=args.damp,
         )
         model = quantize_checkpoint(ckpt, config, windows["valid"], progress=False)
@@ -164,12 +166,15 @@ def main() -> None:
     parser.add_argument("--model-lr", type=float, default=QuantizeConfig.model_lr)
     parser.add_argument("--model-map-lr", type=float, default=QuantizeConfig.model_map_lr)
     parser.add_argument(
-        "--block-windows", type=int, help="calibration windows of the per-block phases (all)"
+        "--block-windows", type=int, help="jlcm: calibration windows of the per-block phases (all)"
     )
     parser.add_argument("--damp", type=float, help="gptq/jlcm damping (default: the method's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "quantize_llm")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--resume", action="store_true", help="skip the runs this command already wrote to --out"
+    )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "BITS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,7 +187,8 @@ def main() -> None:
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
-        "command": "benchmarks/quantize_llm.py " + " ".join(sys.argv[1:]),
+        "command": "benchmarks/quantize_llm.py "
+        + " ".join(a for a in sys.argv[1:] if a != "--resume"),
         "block": args.block,
         "rows_per_group": args.rows_per_group,
         "jlcm_steps": args.steps,
@@ -197,8 +203,15 @@ def main() -> None:
         "damp": args.damp,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    written = set()
+    if args.resume and args.out.exists():
+        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        written = {(r["method"], r["bits"]) for r in rows if r["command"] == meta["command"]}
     for run in args.runs.split(","):
         method, bits = run.split(":")
+        if (method, float(bits)) in written:
+            print(f"{run}: already in {args.out}", flush=True)
+            continue
         # the child parses the same flags; --one makes it run this one method and width
         child = [sys.executable, __file__, *sys.argv[1:], "--one", method, bits]
         child += ["--work", str(args.work.resolve())]

@@ -392,6 +392,28 @@ def test_decoder_metrics_split_the_wall_time_by_phase():
     assert sum(parts.values()) <= metrics["seconds"] + 0.05  # each rounded to 0.01 s
 
 
+def test_rtn_at_a_whole_width_reads_no_calibration_data():
+    """RTN's codes are the rounded weights: at 3 bits the decoder collects no input moments
+    (no time spent on them; each layer's error is its weights' own), while at 2.5 bits the
+    bit allocation needs them."""
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    fp = dict(tiny_llama().named_modules())
+
+    def run(bits):
+        config = quantize.QuantizeConfig(method="rtn", bits=bits)
+        model = quantize.quantize(tiny_llama(), config, ids, progress=False)
+        return model, artifact.record_of(model).steps[-1]["metrics"]
+
+    whole, metrics = run(3)
+    assert "moments_seconds" not in metrics
+    coded = {n: m for n, m in whole.named_modules() if isinstance(m, CodedLayer)}
+    coded.pop("model.embed_tokens")  # lm_head's codes, counted once
+    errors = [output_error(fp[n].weight.detach(), m.decoded_rows(), None) for n, m in coded.items()]
+    assert metrics["mean_layer_error"] == pytest.approx(sum(errors) / len(errors), rel=1e-5)
+    _, fractional = run(2.5)
+    assert fractional["moments_seconds"] > 0
+
+
 def test_block_windows_limit_the_per_block_phases_and_the_model_phase_sees_every_window():
     """With ``block_windows=3`` of 8 windows, the layers, blocks and head are coded exactly as
     from the first 3 windows alone; the model phase then learns from all 8, and its

@@ -180,6 +180,10 @@ def quantize_decoder(
     fp_hidden = embedded if config.model_epochs > 0 else hidden
     streams = {"hidden": hidden, "fp_hidden": fp_hidden} if tuning else {"hidden": hidden}
     budget = BitBudget(config.bits)
+    # RTN at a whole width reads no calibration data (its codes are the rounded weights; the
+    # input moments would only score them, and its errors are then the weights' own); the
+    # bit allocation of a fractional width needs them
+    calibrated = config.method != "rtn" or not budget.uniform
     head = not config.skips("lm_head")
     tied = model.lm_head.weight is base.embed_tokens.weight
     # the token table (a fifth of a small LM) is sensitive: it gets the wider code when the
@@ -226,9 +230,11 @@ def quantize_decoder(
         if tuning:
             with _timed(reports, "fp_stream"):
                 streams["fp_hidden"] = _run_block(block, streams["fp_hidden"], rope)
-        with _timed(reports, "moments"), record_inputs(layers) as moments:
-            _run_block(block, hidden, rope)
-        hs = {n: moments[n].hessian() for n in layers}
+        hs = dict.fromkeys(layers)
+        if calibrated:
+            with _timed(reports, "moments"), record_inputs(layers) as moments:
+                _run_block(block, hidden, rope)
+            hs = {n: moments[n].hessian() for n in layers}
         widths = budget.allocate(
             {n: (weight_matrix(m), hs[n]) for n, m in layers.items()}, config.block
         )
@@ -264,8 +270,9 @@ def quantize_decoder(
                     block_error_after=result["after"],
                     block_codes_changed=result["codes_changed"],
                 )
-        with _timed(reports, "moments"):
-            streams["hidden"] = _run_block(block, hidden, rope)
+        if calibrated:
+            with _timed(reports, "moments"):
+                streams["hidden"] = _run_block(block, hidden, rope)
         record.plan.extend(entries)
         done.extend(entries)
         if saved:
@@ -277,12 +284,13 @@ def quantize_decoder(
             fp_features = base.norm(streams["fp_hidden"])
         fp_logits = logits_kl(fp_features, fp_weight)
     if head:
-        # lm_head's input moments straight from the final hidden states (its logits are not needed)
-        moments = InputMoments(model.lm_head)
-        with torch.no_grad():
-            features = base.norm(streams["hidden"])
-        moments.add(features)
-        h_head = moments.hessian()
+        h_head = None
+        if calibrated:
+            # lm_head's input moments straight from the final hidden states (not its logits)
+            moments = InputMoments(model.lm_head)
+            with torch.no_grad():
+                moments.add(base.norm(streams["hidden"]))
+            h_head = moments.hessian()
         t0 = time.perf_counter()
         coded, info = quantize_weight(fp_weight, h_head, head_width, config)
         lm_head = coded_layer_for(model.lm_head, coded, config.method)
