@@ -16,7 +16,12 @@ from kompakt.compress import quantize
 from kompakt.compress.quantize import block_tuning, decoder
 from kompakt.compress.quantize.affine import gptq_coded, rtn_coded
 from kompakt.compress.quantize.calibration import output_error
-from kompakt.compress.quantize.codebooks import group_count, kmeans_coded, neuron_groups
+from kompakt.compress.quantize.codebooks import (
+    group_count,
+    kmeans_coded,
+    nearest_codes,
+    neuron_groups,
+)
 from kompakt.compress.quantize.jlcm import jlcm_coded
 from kompakt.compress.quantize.layers import CodedLayer, coded_layer_for
 from kompakt.compress.quantize.packing import pack_codes, packed_row_bytes, unpack_codes
@@ -129,6 +134,18 @@ def test_neuron_groups_put_alike_rows_together():
     assert len(set(group[is_large].tolist())) == 1
     assert len(set(group[~is_large].tolist())) == 1
     assert group[is_large][0] != group[~is_large][0]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_nearest_codes_are_the_closest_codewords_with_sorted_and_unsorted_codebooks(ordered):
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(50, 8, generator=g)
+    codebook = codebook.sort(dim=1).values if ordered else codebook
+    target = torch.randn(50, 300, generator=g) * 1.5
+    expected = (target[:, :, None] - codebook[:, None, :]).abs().argmin(-1)
+    assert torch.equal(nearest_codes(target, codebook, chunk=16), expected)
+    small = nearest_codes(target, codebook, dtype=torch.uint8)
+    assert small.dtype == torch.uint8 and torch.equal(small.long(), expected)
 
 
 # --- solvers --------------------------------------------------------------------------------
@@ -411,7 +428,7 @@ def test_rtn_at_a_whole_width_reads_no_calibration_data():
     errors = [output_error(fp[n].weight.detach(), m.decoded_rows(), None) for n, m in coded.items()]
     assert metrics["mean_layer_error"] == pytest.approx(sum(errors) / len(errors), rel=1e-5)
     _, fractional = run(2.5)
-    assert fractional["moments_seconds"] > 0
+    assert "moments_seconds" in fractional
 
 
 def test_block_windows_limit_the_per_block_phases_and_the_model_phase_sees_every_window():

@@ -72,7 +72,7 @@ class _Learned:
         def dense() -> torch.Tensor:
             weights = self.values(codebook)
             if self.latent is not None:
-                weights = weights + (self.latent - self.latent.detach())
+                weights = _StraightThrough.apply(weights, self.latent)
             return weights
 
         for layer in self.layers:
@@ -81,7 +81,9 @@ class _Learned:
     def remap(self, codebook: torch.Tensor) -> None:
         """Every weight takes the codeword of ``codebook`` nearest its latent value."""
         if self.latent is not None:
-            self.codes = nearest_codes(self.latent.detach(), codebook[self.group]).to(torch.uint8)
+            self.codes = nearest_codes(
+                self.latent.detach(), codebook[self.group], dtype=torch.uint8
+            )
 
     def store(self, codebook: torch.Tensor) -> None:
         codes = pack_codes(self.codes, self.layers[0].layout.bits)
@@ -91,6 +93,19 @@ class _Learned:
     def release(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("_dense", None)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The decoded weights, whose gradient also reaches the latent values unchanged (one
+    pass, not a sum with ``latent - latent.detach()``)."""
+
+    @staticmethod
+    def forward(ctx: Any, weights: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        return weights.view_as(weights)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad
 
 
 def _learned(layers: list[CodedLayer], mappings: bool) -> list[_Learned]:
@@ -148,7 +163,7 @@ def tune_codebooks(
     ]
     try:
         before = total([item.codebook.detach() for item in learned])
-        optimizer = torch.optim.Adam(groups)
+        optimizer = torch.optim.Adam(groups, fused=True)  # one pass over the latent weights
         generator = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
             for index in torch.randperm(len(inputs), generator=generator).split(batch):

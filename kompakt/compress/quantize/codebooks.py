@@ -46,18 +46,26 @@ def neuron_groups(w: torch.Tensor, groups: int, iters: int = 10) -> torch.Tensor
 
 
 def nearest_codes(
-    target: torch.Tensor, codebook_rows: torch.Tensor, chunk: int = 4096
+    target: torch.Tensor,
+    codebook_rows: torch.Tensor,
+    chunk: int = 4096,
+    dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """For each ``target[r, c]`` the index of the nearest value in ``codebook_rows[r]``."""
-    values, order = codebook_rows.sort(dim=1)
+    values, order = codebook_rows.sort(dim=1, stable=True)
+    # k-means leaves every codebook sorted and learning seldom reorders one: then a
+    # codeword's rank is its code
+    ranked = bool((order == torch.arange(order.shape[1])).all())
     midpoints = (values[:, 1:] + values[:, :-1]) / 2
-    out = torch.empty(target.shape, dtype=torch.int64)
+    out = torch.empty(target.shape, dtype=dtype)
     for start in range(0, target.shape[0], chunk):  # row chunks stay in cache
         part, mids = target[start : start + chunk], midpoints[start : start + chunk]
         rank = torch.zeros(part.shape, dtype=torch.uint8)
         for j in range(mids.shape[1]):  # rank among the sorted codewords = midpoints passed
             rank += part > mids[:, j : j + 1]
-        out[start : start + chunk] = order[start : start + chunk].gather(1, rank.long())
+        out[start : start + chunk] = (
+            rank if ranked else order[start : start + chunk].gather(1, rank.long())
+        )
     return out
 
 
