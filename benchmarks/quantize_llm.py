@@ -11,7 +11,7 @@ grids with an fp16 scale and offset per ``--block`` columns; k-means and JLCM on
 codebook per group of 8 output neurons. Sizes are the artifact's safetensors file
 (codes, codebooks, scales, row groups, fp32 norms).
 
-Each run's process has glibc's malloc keep freed memory (``CHILD_ENV``): large tensors are
+Each run's process has glibc's malloc keep freed memory (``MALLOC_ENV``): large tensors are
 allocated and freed on every step, and without it each one faults in fresh pages.
 
 Writes one JSON row per run to ``benchmarks/results/quantize_llm.jsonl``; with ``--resume``
@@ -49,7 +49,8 @@ DEFAULT_RUNS = (
 # glibc malloc keeps freed memory for reuse instead of returning each large tensor's pages
 # to the OS and faulting fresh ones in on the next step (about a fifth of a JLCM model-phase
 # step on 2 cores); every run, baselines too, gets the same environment
-CHILD_ENV = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+CHILD_ENV = {**os.environ, **MALLOC_ENV}
 
 
 def prepare(work: Path, windows: int, calib: int) -> None:
@@ -209,7 +210,7 @@ def main() -> None:
         "jlcm_model_map_lr": args.model_map_lr,
         "block_windows": args.block_windows,
         "damp": args.damp,
-        "child_env": {k: CHILD_ENV[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")},
+        "child_env": MALLOC_ENV,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     written = set()
