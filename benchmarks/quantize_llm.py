@@ -15,7 +15,8 @@ Each run's process has glibc's malloc keep freed memory (``MALLOC_ENV``): large 
 allocated and freed on every step, and without it each one faults in fresh pages.
 
 Writes one JSON row per run to ``benchmarks/results/quantize_llm.jsonl``; with ``--resume``
-the same command skips the runs it has already written there (a table longer than a sitting).
+the same command skips the runs it has already written there (a table longer than a sitting),
+and with ``--table`` it prints the markdown table of those rows instead of running anything.
 
     .venv/bin/python benchmarks/quantize_llm.py
 """
@@ -141,6 +142,47 @@ def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> d
     }
 
 
+LABELS = {
+    "fp": "fp32",
+    "jlcm": "JLCM",
+    "gptq": "GPTQ g{block}",
+    "rtn": "RTN g{block}",
+    "kmeans": "k-means (per {rows_per_group} neurons)",
+}
+
+
+def number(x: float) -> str:
+    """Perplexities and ratios from 1 to 1e8 in a table: two decimals, then thousands, then
+    powers of ten."""
+    if x < 1000:
+        return f"{x:.2f}"
+    return f"{x:,.0f}" if x < 1e5 else f"{x:.1e}".replace("e+0", "e").replace("e+", "e")
+
+
+def table(rows: list[dict], runs: list[tuple[str, float]]) -> str:
+    """The markdown table of ``rows`` in the order of ``runs`` (those not written yet are left
+    out); ``vs fp`` against the fp row."""
+    by_run = {(r["method"], r["bits"]): r for r in rows}
+    fp = by_run.get(("fp", 0.0))
+    lines = [
+        "| method | code bits | bits per weight | size (MB) | perplexity | vs fp | time (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        r = by_run.get(run)
+        if r is None:
+            continue
+        label = LABELS[r["method"]].format(**r)
+        bits = "32" if r["method"] == "fp" else f"{r['bits']:g}"
+        ratio = f"{number(r['perplexity'] / fp['perplexity'])}x" if fp else "-"
+        seconds = "-" if r["method"] == "fp" else f"{r['compress_seconds']:.0f}"
+        lines.append(
+            f"| {label} | {bits} | {r['bits_per_weight']:.2f} | {r['size_mb']:.1f} | "
+            f"{number(r['perplexity'])} | {ratio} | {seconds} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -184,6 +226,9 @@ def main() -> None:
     parser.add_argument(
         "--resume", action="store_true", help="skip the runs this command already wrote to --out"
     )
+    parser.add_argument(
+        "--table", action="store_true", help="print the table of this command's rows in --out"
+    )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "BITS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,13 +236,23 @@ def main() -> None:
         row = one_run(args.work, args.one[0], float(args.one[1]), args)
         print("ROW " + json.dumps(row))
         return
+    command = "benchmarks/quantize_llm.py " + " ".join(
+        a for a in sys.argv[1:] if a not in ("--resume", "--table")
+    )
+    runs = [(method, float(bits)) for method, bits in (r.split(":") for r in args.runs.split(","))]
+    rows = []
+    if args.out.exists():
+        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["command"] == command]
+    if args.table:
+        print(table(rows, runs))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     prepare(args.work, args.windows, args.calib)
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
-        "command": "benchmarks/quantize_llm.py "
-        + " ".join(a for a in sys.argv[1:] if a != "--resume"),
+        "command": command,
         "block": args.block,
         "rows_per_group": args.rows_per_group,
         "jlcm_steps": args.steps,
@@ -213,22 +268,18 @@ def main() -> None:
         "child_env": MALLOC_ENV,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    written = set()
-    if args.resume and args.out.exists():
-        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-        written = {(r["method"], r["bits"]) for r in rows if r["command"] == meta["command"]}
-    for run in args.runs.split(","):
-        method, bits = run.split(":")
-        if (method, float(bits)) in written:
-            print(f"{run}: already in {args.out}", flush=True)
+    written = {(r["method"], r["bits"]) for r in rows} if args.resume else set()
+    for method, bits in runs:
+        if (method, bits) in written:
+            print(f"{method}:{bits:g}: already in {args.out}", flush=True)
             continue
         # the child parses the same flags; --one makes it run this one method and width
-        child = [sys.executable, __file__, *sys.argv[1:], "--one", method, bits]
+        child = [sys.executable, __file__, *sys.argv[1:], "--one", method, str(bits)]
         child += ["--work", str(args.work.resolve())]
         done = subprocess.run(child, capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
         rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
         if done.returncode or not rows:
-            print(f"{run}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+            print(f"{method}:{bits:g}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
             continue
         row = {**meta, **json.loads(rows[-1])}
         with args.out.open("a") as f:
