@@ -175,10 +175,15 @@ def table(rows: list[dict], runs: list[tuple[str, float]]) -> str:
         label = LABELS[r["method"]].format(**r)
         bits = "32" if r["method"] == "fp" else f"{r['bits']:g}"
         ratio = f"{number(r['perplexity'] / fp['perplexity'])}x" if fp else "-"
-        seconds = "-" if r["method"] == "fp" else f"{r['compress_seconds']:.0f}"
+        # time and peak RSS are the quantization's; the fp model is only loaded
+        cost = (
+            "- | -"
+            if r["method"] == "fp"
+            else f"{r['compress_seconds']:.0f} | {r['peak_rss_mb']:.0f}"
+        )
         lines.append(
             f"| {label} | {bits} | {r['bits_per_weight']:.2f} | {r['size_mb']:.1f} | "
-            f"{number(r['perplexity'])} | {ratio} | {seconds} | {r['peak_rss_mb']:.0f} |"
+            f"{number(r['perplexity'])} | {ratio} | {cost} |"
         )
     return "\n".join(lines)
 
