@@ -172,15 +172,12 @@ def table(rows: list[dict], runs: list[tuple[str, float]]) -> str:
         r = by_run.get(run)
         if r is None:
             continue
-        label = LABELS[r["method"]].format(**r)
-        bits = "32" if r["method"] == "fp" else f"{r['bits']:g}"
         ratio = f"{number(r['perplexity'] / fp['perplexity'])}x" if fp else "-"
-        # time and peak RSS are the quantization's; the fp model is only loaded
-        cost = (
-            "- | -"
-            if r["method"] == "fp"
-            else f"{r['compress_seconds']:.0f} | {r['peak_rss_mb']:.0f}"
-        )
+        if r["method"] == "fp":  # time and peak RSS are the quantization's; fp has none
+            bits, cost = "32", "- | -"
+        else:
+            bits, cost = f"{r['bits']:g}", f"{r['compress_seconds']:.0f} | {r['peak_rss_mb']:.0f}"
+        label = LABELS[r["method"]].format(**r)
         lines.append(
             f"| {label} | {bits} | {r['bits_per_weight']:.2f} | {r['size_mb']:.1f} | "
             f"{number(r['perplexity'])} | {ratio} | {cost} |"
@@ -282,11 +279,11 @@ def main() -> None:
         child = [sys.executable, __file__, *sys.argv[1:], "--one", method, str(bits)]
         child += ["--work", str(args.work.resolve())]
         done = subprocess.run(child, capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
-        rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
-        if done.returncode or not rows:
+        printed = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+        if done.returncode or not printed:
             print(f"{method}:{bits:g}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
             continue
-        row = {**meta, **json.loads(rows[-1])}
+        row = {**meta, **json.loads(printed[-1])}
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
