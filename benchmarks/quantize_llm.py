@@ -160,15 +160,16 @@ def number(x: float) -> str:
 
 
 def table(rows: list[dict], runs: list[tuple[str, float]]) -> str:
-    """The markdown table of ``rows`` in the order of ``runs`` (those not written yet are left
-    out); ``vs fp`` against the fp row."""
+    """The markdown table of ``rows``: fp, then the widest code bits first, each width's rows
+    in the order of ``runs`` (those not written yet are left out); ``vs fp`` against the fp
+    row."""
     by_run = {(r["method"], r["bits"]): r for r in rows}
     fp = by_run.get(("fp", 0.0))
     lines = [
         "| method | code bits | bits per weight | size (MB) | perplexity | vs fp | time (s) | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for run in runs:
+    for run in sorted(runs, key=lambda run: (run[0] != "fp", -run[1])):  # stable: runs' order
         r = by_run.get(run)
         if r is None:
             continue
