@@ -143,7 +143,8 @@ def test_nearest_codes_are_the_closest_codewords_with_sorted_and_unsorted_codebo
     codebook = codebook.sort(dim=1).values if ordered else codebook
     target = torch.randn(50, 300, generator=g) * 1.5
     expected = (target[:, :, None] - codebook[:, None, :]).abs().argmin(-1)
-    assert torch.equal(nearest_codes(target, codebook, chunk=16), expected)
+    # chunks of 16 rows, the last one partial
+    assert torch.equal(nearest_codes(target, codebook, elements=16 * 300 * 7), expected)
     small = nearest_codes(target, codebook, dtype=torch.uint8)
     assert small.dtype == torch.uint8 and torch.equal(small.long(), expected)
 

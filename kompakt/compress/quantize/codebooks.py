@@ -48,7 +48,7 @@ def neuron_groups(w: torch.Tensor, groups: int, iters: int = 10) -> torch.Tensor
 def nearest_codes(
     target: torch.Tensor,
     codebook_rows: torch.Tensor,
-    chunk: int = 4096,
+    elements: int = 1 << 19,
     dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """For each ``target[r, c]`` the index of the nearest value in ``codebook_rows[r]``."""
@@ -57,14 +57,21 @@ def nearest_codes(
     # codeword's rank is its code
     ranked = bool((order == torch.arange(order.shape[1])).all())
     midpoints = (values[:, 1:] + values[:, :-1]) / 2
+    rows, cols = target.shape
+    # row chunks whose comparisons with every midpoint (``elements`` floats) stay in cache
+    chunk = max(1, elements // (cols * max(1, midpoints.shape[1])))
+    passed = torch.empty(min(chunk, rows), midpoints.shape[1], cols)
+    rank = torch.empty(min(chunk, rows), cols)
     out = torch.empty(target.shape, dtype=dtype)
-    for start in range(0, target.shape[0], chunk):  # row chunks stay in cache
+    for start in range(0, rows, chunk):
         part, mids = target[start : start + chunk], midpoints[start : start + chunk]
-        rank = torch.zeros(part.shape, dtype=torch.uint8)
-        for j in range(mids.shape[1]):  # rank among the sorted codewords = midpoints passed
-            rank += part > mids[:, j : j + 1]
-        out[start : start + chunk] = (
-            rank if ranked else order[start : start + chunk].gather(1, rank.long())
+        n = part.shape[0]
+        # rank among the sorted codewords = midpoints passed; the comparison written as
+        # 1.0 / 0.0 runs several times faster on the CPU than one written as bool
+        torch.gt(part.unsqueeze(1), mids.unsqueeze(2), out=passed[:n])
+        torch.sum(passed[:n], 1, out=rank[:n])
+        out[start : start + n] = (
+            rank[:n] if ranked else order[start : start + n].gather(1, rank[:n].long())
         )
     return out
 
