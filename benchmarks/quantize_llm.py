@@ -163,7 +163,7 @@ def table(rows: list[dict], runs: list[tuple[str, float]]) -> str:
     """The markdown table of ``rows``: fp, then the widest code bits first, each width's rows
     in the order of ``runs`` (those not written yet are left out); ``vs fp`` against the fp
     row."""
-    by_run = {(r["method"], r["bits"]): r for r in rows}
+    by_run = {(r["method"], r["bits"]): r for r in rows}  # a run written again: its last row
     fp = by_run.get(("fp", 0.0))
     lines = [
         "| method | code bits | bits per weight | size (MB) | perplexity | vs fp | time (s) | peak RSS (MB) |",

@@ -59,9 +59,9 @@ def nearest_codes(
     midpoints = (values[:, 1:] + values[:, :-1]) / 2
     rows, cols = target.shape
     # row chunks whose comparisons with every midpoint (``elements`` floats) stay in cache
-    chunk = max(1, elements // (cols * max(1, midpoints.shape[1])))
-    passed = torch.empty(min(chunk, rows), midpoints.shape[1], cols)
-    rank = torch.empty(min(chunk, rows), cols)
+    chunk = max(1, min(rows, elements // (cols * max(1, midpoints.shape[1]))))
+    passed = torch.empty(chunk, midpoints.shape[1], cols)
+    rank = torch.empty(chunk, cols)
     out = torch.empty(target.shape, dtype=dtype)
     for start in range(0, rows, chunk):
         part, mids = target[start : start + chunk], midpoints[start : start + chunk]
