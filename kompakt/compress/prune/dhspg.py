@@ -4,7 +4,8 @@ Each step first takes the base optimizer's trial step ``x_hat = x - lr * d`` (``
 SGD with momentum, Adam or AdamW). At ``start_pruning_step`` the prunable groups are split
 once into *redundant* and *important* by a saliency score: the cosine between a group's
 parameters and its direction ``d`` (a step that shrinks the group scores high) and the inverse
-of its root-mean-square magnitude, each L2-normalised over the groups, half and half. The
+of its magnitude relative to its own layers (``groups.relative_energy``: each channel's energy
+over its tensor's mean channel energy), each L2-normalised over the groups, half and half. The
 ``target_group_sparsity`` fraction with the highest scores is redundant.
 
 From then on, until the target is reached, each redundant group ``g`` also takes a
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kompakt.compress.prune.groups import group_reduce
+from kompakt.compress.prune.groups import group_reduce, relative_energy
 from kompakt.config import check
 
 if TYPE_CHECKING:
@@ -164,17 +165,16 @@ class DHSPG(torch.optim.Optimizer):
         xx = group_reduce(oto.model, oto.slots, n, torch.square)
         xd = group_reduce(oto.model, oto.slots, n, lambda t: t, _products(params, directions))
         dd = group_reduce(oto.model, oto.slots, n, torch.square, directions)
-        sizes = group_reduce(oto.model, oto.slots, n, torch.ones_like)
         cos = xd / (xx.sqrt() * dd.sqrt()).clamp_min(1e-12)
-        # root mean square ||x|| / sqrt(size), not ||x|| / size = rms / sqrt(size), which
-        # calls large groups (channels coupled across a residual stage) redundant for their size
-        inv_rms = 1.0 / (xx.sqrt() / sizes.clamp_min(1).sqrt() + 1e-6)
+        # magnitude relative to the group's own layers: an absolute norm ranks every channel of
+        # a wide-fan-in layer (small weights since initialisation) as redundant
+        inv_mag = 1.0 / (relative_energy(oto.model, oto.slots, n).sqrt() + 1e-6)
         ids = torch.tensor([g.id for g in self.candidates], dtype=torch.long)
         if not len(ids):
             return
         score = (
             0.5 * cos[ids] / cos[ids].norm().clamp_min(1e-12)
-            + 0.5 * inv_rms[ids] / inv_rms[ids].norm()
+            + 0.5 * inv_mag[ids] / inv_mag[ids].norm()
         )
         order = ids[torch.argsort(score, descending=True, stable=True)].tolist()
         for g in oto.select(self.kind, order)[: self.target]:

@@ -110,6 +110,31 @@ def group_reduce(
     return out[:n_groups]
 
 
+def relative_energy(model: nn.Module, slots: list[Slot], n_groups: int) -> torch.Tensor:
+    """Each group's magnitude relative to its own layers: a ``[n_groups]`` vector.
+
+    For every slot, an index's squared norm is divided by the mean squared norm of all indices
+    of that tensor along the slot's dimension; a group's value is the mean of these ratios over
+    its slot indices. A uniform rescaling of one layer (e.g. the ``1 / sqrt(fan_in)`` of its
+    initialisation) or a group's size leaves it unchanged. All-zero tensors carry no ranking
+    and are skipped.
+    """
+    params = dict(model.named_parameters())
+    total = torch.zeros(n_groups + 1, dtype=torch.float64)
+    count = torch.zeros(n_groups + 1, dtype=torch.float64)
+    for slot in slots:
+        values = params[slot.param].detach().double().square()
+        dims = [d for d in range(values.dim()) if d != slot.dim]
+        per_index = values.sum(dim=dims) if dims else values
+        mean = per_index.mean()
+        if mean <= 0:
+            continue
+        gid = torch.where(slot.gid >= 0, slot.gid, n_groups)
+        total.index_add_(0, gid, per_index / mean)
+        count.index_add_(0, gid, torch.ones_like(per_index))
+    return (total / count.clamp_min(1))[:n_groups]
+
+
 def zero_mask(slot: Slot, zero: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """A {0, 1} tensor broadcastable to ``shape``: 0 where the slot's index is in a zeroed group."""
     gid = slot.gid
