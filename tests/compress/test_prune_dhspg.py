@@ -75,22 +75,40 @@ def test_dhspg_config_is_validated():
         oto.dhspg(epsilon=1.5)
 
 
-def test_dhspg_split_scores_magnitude_per_element_not_per_group_size():
-    """Two layers' hidden units, every step along the parameters (equal cosines): the units
-    of 69 elements have a root mean square of 1, those of 7 elements 0.89 (their mean
-    magnitude is the larger, 0.34 against 0.12). The split calls the 7-element units redundant;
-    a mean-magnitude score would pick the large ones for their size."""
-    model = nn.Sequential(nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(1.0)
-        model[4].weight.fill_(0.5)
-    oto = prune.OTO(model, (torch.randn(2, 64),))
-    opt = oto.dhspg(lr=1e-3, momentum=0.0, target_group_sparsity=0.25, start_pruning_step=0)
-    for p in model.parameters():
-        p.grad = p.detach().clone()
+class TwoFanIns(nn.Module):
+    """Two hidden layers side by side that differ only in fan-in (4 and 64 inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.narrow, self.wide, self.head = nn.Linear(4, 16), nn.Linear(64, 16), nn.Linear(32, 2)
+
+    def forward(self, x):
+        hidden = torch.cat([self.narrow(x[:, :4]), self.wide(x[:, 4:])], dim=1)
+        return self.head(torch.relu(hidden))
+
+
+def split(model, sparsity=0.5):
+    """The redundant group ids of DHSPG's split when every cosine is 0 (no gradients), so the
+    split ranks by magnitude alone; and the ids of the wide layer's units."""
+    oto = prune.OTO(model, (torch.randn(2, 68),))
+    opt = oto.dhspg(target_group_sparsity=sparsity, start_pruning_step=0)
     opt.step()
-    small = {g.id for g in oto.prunable if any(n == "2.weight" and d == 0 for n, d, _ in g.slices)}
-    assert len(small) == 4 and len(oto.prunable) == 8
-    assert set(opt.redundant.nonzero().flatten().tolist()) < small
-    assert int(opt.redundant.sum()) == 2
+    wide = {g.id for g in oto.prunable if any(n == "wide.weight" for n, _, _ in g.slices)}
+    assert len(wide) == 16 and len(oto.prunable) == 32
+    return set(opt.redundant.nonzero().flatten().tolist()), wide
+
+
+def test_dhspg_split_ranks_magnitude_within_each_layer_not_across_fan_ins():
+    """At initialisation the wide layer's weights are 4x smaller (1 / sqrt(fan_in)) and its
+    units have 16x more elements: a root-mean-square or a norm per element would call all of
+    them redundant. The split measures each unit against its own layer, so both layers give
+    redundant units, and scaling one layer by 10 changes nothing."""
+    torch.manual_seed(0)
+    model = TwoFanIns()
+    redundant, wide = split(model)
+    assert len(redundant) == 16
+    assert 4 <= len(redundant & wide) <= 12
+    with torch.no_grad():
+        model.wide.weight.mul_(10)
+        model.wide.bias.mul_(10)
+    assert split(model) == (redundant, wide)
