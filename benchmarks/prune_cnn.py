@@ -168,9 +168,9 @@ def main() -> None:
     parser.add_argument(
         "--hesso-sparsities",
         type=float,
-        nargs="+",
-        help="HESSO's group sparsities (default: --sparsities); its groups are not kompakt's, "
-        "so a higher sparsity brings its FLOPs near DHSPG's",
+        nargs="*",
+        help="HESSO's group sparsities (default: --sparsities; none: no HESSO); its groups are "
+        "not kompakt's, so a higher sparsity brings its FLOPs near DHSPG's",
     )
     add_common_args(parser, "prune_cnn")
     args = parser.parse_args()
@@ -227,7 +227,8 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
 
-    for sparsity in args.hesso_sparsities or args.sparsities:
+    hesso_sparsities = args.sparsities if args.hesso_sparsities is None else args.hesso_sparsities
+    for sparsity in hesso_sparsities:
         start = time.perf_counter()
         hesso = hesso_subnet(
             fresh(args.seed),
