@@ -166,8 +166,8 @@ class DHSPG(torch.optim.Optimizer):
         xd = group_reduce(oto.model, oto.slots, n, lambda t: t, _products(params, directions))
         dd = group_reduce(oto.model, oto.slots, n, torch.square, directions)
         cos = xd / (xx.sqrt() * dd.sqrt()).clamp_min(1e-12)
-        # magnitude relative to the group's own layers: an absolute norm ranks every channel of
-        # a wide-fan-in layer (small weights since initialisation) as redundant
+        # magnitude relative to the group's own layers: a magnitude per element ranks nearly
+        # every channel of a wide-fan-in layer (small weights since initialisation) redundant
         inv_mag = 1.0 / (relative_energy(oto.model, oto.slots, n).sqrt() + 1e-6)
         ids = torch.tensor([g.id for g in self.candidates], dtype=torch.long)
         if not len(ids):
