@@ -100,8 +100,8 @@ def split(model, sparsity=0.5):
 
 def test_dhspg_split_ranks_magnitude_within_each_layer_not_across_fan_ins():
     """At initialisation the wide layer's weights are 4x smaller (1 / sqrt(fan_in)) and its
-    units have 16x more elements: a root-mean-square or a norm per element would call all of
-    them redundant. The split measures each unit against its own layer, so both layers give
+    units have 16x more elements: a root mean square per element would call nearly all of them
+    redundant. The split measures each unit against its own layer, so both layers give
     redundant units, and scaling one layer by 10 changes nothing."""
     torch.manual_seed(0)
     model = TwoFanIns()

@@ -85,6 +85,17 @@ def build_groups(
     return groups, slots
 
 
+def _index_sums(values: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """``values`` summed over every dimension but the slot's: one value per slot index."""
+    dims = [d for d in range(values.dim()) if d != slot.dim]
+    return values.sum(dim=dims) if dims else values
+
+
+def _slot_gids(slot: Slot, n_groups: int) -> torch.Tensor:
+    """The slot's group ids, with indices in no group sent to the spare bin ``n_groups``."""
+    return torch.where(slot.gid >= 0, slot.gid, n_groups)
+
+
 def group_reduce(
     model: nn.Module,
     slots: list[Slot],
@@ -102,11 +113,7 @@ def group_reduce(
         t = (params if tensors is None else tensors).get(slot.param)
         if t is None:
             continue
-        values = fn(t.detach()).double()
-        dims = [d for d in range(values.dim()) if d != slot.dim]
-        per_index = values.sum(dim=dims) if dims else values
-        gid = torch.where(slot.gid >= 0, slot.gid, n_groups)
-        out.index_add_(0, gid, per_index)
+        out.index_add_(0, _slot_gids(slot, n_groups), _index_sums(fn(t.detach()).double(), slot))
     return out[:n_groups]
 
 
@@ -123,13 +130,11 @@ def relative_energy(model: nn.Module, slots: list[Slot], n_groups: int) -> torch
     total = torch.zeros(n_groups + 1, dtype=torch.float64)
     count = torch.zeros(n_groups + 1, dtype=torch.float64)
     for slot in slots:
-        values = params[slot.param].detach().double().square()
-        dims = [d for d in range(values.dim()) if d != slot.dim]
-        per_index = values.sum(dim=dims) if dims else values
+        per_index = _index_sums(params[slot.param].detach().double().square(), slot)
         mean = per_index.mean()
         if mean <= 0:
             continue
-        gid = torch.where(slot.gid >= 0, slot.gid, n_groups)
+        gid = _slot_gids(slot, n_groups)
         total.index_add_(0, gid, per_index / mean)
         count.index_add_(0, gid, torch.ones_like(per_index))
     return (total / count.clamp_min(1))[:n_groups]
