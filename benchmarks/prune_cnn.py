@@ -4,13 +4,12 @@ Every method gets the same total epoch budget and starts from the same seeded in
 weights:
 
 * dense: SGD (one-cycle) for the whole budget;
-* kompakt DHSPG at each group sparsity: trains from scratch with DHSPG (warm-up of 10% of the
-  budget, pruning window of 30%, the rest with the pruned groups held at zero), then builds
-  the subnet;
-  no fine-tuning after;
+* kompakt DHSPG at each group sparsity (``--sparsities``) and each FLOPs reduction target
+  (``--flops-reductions``): trains from scratch with DHSPG (warm-up of 10% of the budget,
+  pruning window of 30%, the rest with the pruned groups held at zero), then builds the
+  subnet; no fine-tuning after;
 * Torch-Pruning (magnitude, L2): dense training for half the budget, one-shot global
-  magnitude pruning to the FLOPs of the kompakt subnet at the same sparsity, fine-tuning
-  for the other half;
+  magnitude pruning to the FLOPs of each kompakt subnet, fine-tuning for the other half;
 * only-train-once HESSO (the OTOv3 authors' package, with the shims of
   ``hesso_baseline.py``) at the same group sparsity or at ``--hesso-sparsities``, with
   DHSPG's schedule (warm-up 10%, pruning window 30% in 10 periods, cosine learning rate),
@@ -164,7 +163,14 @@ def torch_pruning_baseline(seed, train, test, epochs, target_flops, lr):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=4, help="total epoch budget of every method")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8])
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.7, 0.8])
+    parser.add_argument(
+        "--flops-reductions",
+        type=float,
+        nargs="*",
+        default=[],
+        help="DHSPG runs that target a share of FLOPs removed instead of a group sparsity",
+    )
     parser.add_argument(
         "--hesso-sparsities",
         type=float,
@@ -198,13 +204,16 @@ def main() -> None:
         lr=args.lr,
         seed=args.seed,
     )
-    for sparsity in args.sparsities:
+    targets = [(f"s={s}", {"target_group_sparsity": s}) for s in args.sparsities] + [
+        (f"FLOPs -{f:.0%}", {"target_flops_reduction": f}) for f in args.flops_reductions
+    ]
+    for label, target in targets:
         start = time.perf_counter()
-        config = dataclasses.replace(schedule, target_group_sparsity=sparsity)
+        config = dataclasses.replace(schedule, **target)
         subnet, metrics = prune_classifier(fresh(args.seed), *train, config, progress=False)
         rows.append(
             measure(
-                f"kompakt DHSPG s={sparsity}",
+                f"kompakt DHSPG {label}",
                 subnet,
                 test,
                 time.perf_counter() - start,
@@ -218,7 +227,7 @@ def main() -> None:
         )
         rows.append(
             measure(
-                f"Torch-Pruning magnitude @ FLOPs of s={sparsity}",
+                f"Torch-Pruning magnitude @ FLOPs of DHSPG {label}",
                 model,
                 test,
                 seconds,

@@ -63,6 +63,7 @@ def _compress_prune(args: argparse.Namespace) -> int:
 
     names = (
         "target_group_sparsity",
+        "target_flops_reduction",
         "epochs",
         "start_epochs",
         "pruning_epochs",
@@ -339,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="target_group_sparsity",
         type=float,
         help="fraction of groups to remove (default: 0.5)",
+    )
+    p.add_argument(
+        "--flops-reduction",
+        dest="target_flops_reduction",
+        type=float,
+        help="share of FLOPs to remove instead of a fraction of groups (e.g. 0.7)",
     )
     p.add_argument(
         "--mode",

@@ -112,3 +112,56 @@ def test_dhspg_split_ranks_magnitude_within_each_layer_not_across_fan_ins():
         model.wide.weight.mul_(10)
         model.wide.bias.mul_(10)
     assert split(model) == (redundant, wide)
+
+
+class EarlyCostlyNet(nn.Module):
+    """A channel of the first two convolutions (16x16 maps) costs 16x the FLOPs of one of the
+    third (4x4 maps), so a share of groups says little about the share of FLOPs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c3, self.fc = nn.Conv2d(8, 32, 3, padding=1), nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.c2(torch.relu(self.c1(x)))), 4)
+        return self.fc(torch.relu(self.c3(x)).mean((2, 3)))
+
+
+def test_dhspg_flops_target_takes_the_fewest_top_groups_that_remove_that_share():
+    torch.manual_seed(0)
+    model, x = EarlyCostlyNet(), torch.randn(2, 3, 16, 16)
+    oto = prune.OTO(model, (x,))
+    full = prune.count_flops(model, (x,))
+    opt = oto.dhspg(target_flops_reduction=0.4, start_pruning_step=0)
+    opt.step()  # no gradients: the split ranks by magnitude alone
+    chosen = opt.redundant.nonzero().flatten().tolist()
+    assert 1 - oto.flops_without(chosen) / full >= 0.4
+
+    def split_at(k):  # the same ranking cut after k groups
+        by_count = prune.OTO(model, (x,)).dhspg(
+            target_group_sparsity=k / len(oto.prunable), start_pruning_step=0
+        )
+        by_count.step()
+        return by_count.redundant.nonzero().flatten().tolist()
+
+    assert split_at(len(chosen)) == chosen
+    assert 1 - oto.flops_without(split_at(len(chosen) - 1)) / full < 0.4
+    assert prune.count_flops(model, (x,)) == full  # counting FLOPs left the model whole
+
+
+def test_dhspg_flops_target_is_reached_by_the_subnet_and_checked_up_front():
+    torch.manual_seed(0)
+    model, x = EarlyCostlyNet(), torch.randn(64, 3, 16, 16)
+    y = torch.randint(0, 4, (64,))
+    oto = prune.OTO(model, (x[:2],))
+    opt = oto.dhspg(lr=0.05, target_flops_reduction=0.5, start_pruning_step=3, pruning_steps=5)
+    for _ in range(12):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    small = oto.construct_subnet()
+    assert prune.count_flops(small, (x[:2],)) <= 0.5 * prune.count_flops(model, (x[:2],))
+    with pytest.raises(KompaktError, match="0.99 cannot be reached.*removes 9"):
+        prune.OTO(model, (x[:2],)).dhspg(target_flops_reduction=0.99)

@@ -92,7 +92,8 @@ def test_h2spg_erases_the_target_share_of_blocks_and_keeps_the_network_connected
     torch.testing.assert_close(small(x), model.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-def test_cli_prunes_a_saved_classifier(tmp_path):
+@pytest.mark.parametrize("option", ["--sparsity", "--flops-reduction"])
+def test_cli_prunes_a_saved_classifier(tmp_path, option):
     import subprocess
     import sys
 
@@ -111,7 +112,7 @@ def test_cli_prunes_a_saved_classifier(tmp_path):
             str(tmp_path / "dense"),
             "--out",
             str(tmp_path / "small"),
-            "--sparsity",
+            option,
             "0.5",
             "--epochs",
             "1",
@@ -131,4 +132,10 @@ def test_cli_prunes_a_saved_classifier(tmp_path):
     assert prune.count_params(small) < prune.count_params(kompakt.load(tmp_path / "dense"))
     step = artifact.record_of(small).steps[-1]
     assert step["method"] == "prune" and step["config"]["method"] == "dhspg"
-    assert step["metrics"]["group_sparsity"] == pytest.approx(0.5, abs=0.01)
+    metrics = step["metrics"]
+    if option == "--sparsity":
+        assert metrics["group_sparsity"] == pytest.approx(0.5, abs=0.01)
+    else:  # fewer groups than half remove half the FLOPs: the early channels cost the most
+        assert metrics["flops_after"] <= 0.5 * metrics["flops_before"]
+        assert step["config"]["target_flops_reduction"] == 0.5
+        assert metrics["group_sparsity"] < 0.5

@@ -20,7 +20,8 @@ from kompakt.train import TrainConfig, accuracy, train_classifier
 class PruneConfig:
     """DHSPG pruning of a classifier within a fixed epoch budget, with no fine-tuning after.
 
-    target_group_sparsity: fraction of prunable groups to remove. epochs: total DHSPG
+    target_group_sparsity: fraction of prunable groups to remove. target_flops_reduction:
+    None, or the share of FLOPs to remove instead (see :class:`DHSPGConfig`). epochs: total DHSPG
     training epochs. start_epochs: plain epochs before the groups are split (warm-up).
     pruning_epochs: epochs over which the redundant groups are driven to zero; the rest of
     the budget trains the remaining groups. lr, momentum, weight_decay, batch_size, seed:
@@ -31,6 +32,7 @@ class PruneConfig:
     """
 
     target_group_sparsity: float = 0.5
+    target_flops_reduction: float | None = None
     epochs: int = 2
     start_epochs: float = 0.1
     pruning_epochs: float = 1.0
@@ -77,6 +79,7 @@ def prune_classifier(
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         target_group_sparsity=config.target_group_sparsity,
+        target_flops_reduction=config.target_flops_reduction,
         start_pruning_step=int(config.start_epochs * steps_per_epoch),
         pruning_steps=max(1, int(config.pruning_epochs * steps_per_epoch)),
         epsilon=config.epsilon,

@@ -6,7 +6,11 @@ once into *redundant* and *important* by a saliency score: the cosine between a 
 parameters and its direction ``d`` (a step that shrinks the group scores high) and the inverse
 of its magnitude relative to its own layers (``groups.relative_energy``: each channel's energy
 over its tensor's mean channel energy), each L2-normalised over the groups, half and half. The
-``target_group_sparsity`` fraction with the highest scores is redundant.
+``target_group_sparsity`` fraction with the highest scores is redundant; or, with
+``target_flops_reduction``, the shortest run of the highest scores whose removal takes that
+share of the model's FLOPs (the subnet's FLOPs are counted, found by bisection: a channel of an
+early, high-resolution layer costs far more than one of a late layer, so the same group
+sparsity removes a different share of FLOPs on each run).
 
 From then on, until the target is reached, each redundant group ``g`` also takes a
 group-lasso step ``- lr * lambda_g * x_g / ||x_g||``, where ``lambda_g`` adapts to the angle
@@ -37,6 +41,7 @@ import torch
 
 from kompakt.compress.prune.groups import group_reduce, relative_energy
 from kompakt.config import check
+from kompakt.errors import KompaktError
 
 if TYPE_CHECKING:
     from kompakt.compress.prune.oto import OTO
@@ -51,6 +56,9 @@ class DHSPGConfig:
     lr: learning rate of the base step. variant: base direction, ``sgd`` (with ``momentum``),
     ``adam`` or ``adamw`` (with ``betas``). weight_decay: L2 penalty added to the gradient
     (decoupled for ``adamw``). target_group_sparsity: fraction of the prunable groups to zero.
+    target_flops_reduction: None, or the share of the model's FLOPs (on ``oto``'s example
+    inputs) to remove; it replaces ``target_group_sparsity``: the redundant set is the fewest
+    highest-scoring groups whose removal reaches it.
     start_pruning_step: optimizer steps of plain training before the groups are split.
     pruning_steps: steps after the split by which every redundant group is zero.
     epsilon: half-space projection threshold in [0, 1); larger projects earlier.
@@ -67,6 +75,7 @@ class DHSPGConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     target_group_sparsity: float = 0.5
+    target_flops_reduction: float | None = None
     start_pruning_step: int = 0
     pruning_steps: int = 1000
     epsilon: float = 0.9
@@ -82,6 +91,10 @@ class DHSPGConfig:
         check(
             0 <= self.target_group_sparsity < 1,
             f"target_group_sparsity must be in [0, 1), got {self.target_group_sparsity}",
+        )
+        check(
+            self.target_flops_reduction is None or 0 < self.target_flops_reduction < 1,
+            f"target_flops_reduction must be in (0, 1), got {self.target_flops_reduction}",
         )
         check(
             self.start_pruning_step >= 0,
@@ -117,6 +130,17 @@ class DHSPG(torch.optim.Optimizer):
         self.steps = 0
         self.forced = 0
         self.target = int(round(config.target_group_sparsity * len(self.candidates)))
+        if config.target_flops_reduction is not None:
+            self.target = 0  # known at the split
+            self.flops = oto.flops_without([])
+            ids = oto.select(kind, [g.id for g in self.candidates])
+            most = 1 - oto.flops_without(ids) / max(1, self.flops)
+            if most < config.target_flops_reduction:
+                raise KompaktError(
+                    f"target_flops_reduction {config.target_flops_reduction} cannot be reached "
+                    f"by {type(oto.model).__name__}: removing every candidate group that can go "
+                    f"removes {most:.1%} of its FLOPs; ask for at most that"
+                )
         self.budget = torch.zeros(n, dtype=torch.float64)  # norm to shed per step
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -177,9 +201,25 @@ class DHSPG(torch.optim.Optimizer):
             + 0.5 * inv_mag[ids] / inv_mag[ids].norm()
         )
         order = ids[torch.argsort(score, descending=True, stable=True)].tolist()
-        for g in oto.select(self.kind, order)[: self.target]:
+        chosen = oto.select(self.kind, order)
+        if self.config.target_flops_reduction is not None:
+            self.target = self._fewest_reaching_flops_target(chosen)
+        for g in chosen[: self.target]:
             self.redundant[g] = True
         self.budget = xx.sqrt() / self.config.pruning_steps
+
+    def _fewest_reaching_flops_target(self, chosen: list[int]) -> int:
+        """The least ``k`` such that removing ``chosen[:k]`` removes the target FLOPs share
+        (FLOPs never grow as groups go, so bisection finds it)."""
+        goal = (1 - self.config.target_flops_reduction) * self.flops
+        lo, hi = 0, len(chosen)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.oto.flops_without(chosen[:mid]) <= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()

@@ -254,17 +254,7 @@ class OTO:
         model's record plus ``erase`` and ``prune`` plan entries, so ``kompakt.save`` writes
         it and ``kompakt.load`` rebuilds it.
         """
-        zeroed = self.zeroed_groups()
-        erased = self.connected([g for g in zeroed if self.groups[g].kind == "erase"])
-        branches = [self.branches[g].modules for g in erased]
-        gone = tuple(m + "." for modules in branches for m in modules)
-        pruned = self.removable([g for g in zeroed if self.groups[g].kind == "prune"])
-        kept = {n: dims for n, dims in self.kept_indices(pruned).items() if not n.startswith(gone)}
-        small = copy.deepcopy(self.model)
-        for modules in branches:
-            erase_modules(small, modules)
-        apply_kept(small, kept)
-        small.eval()
+        small, branches, kept = self._without(self.zeroed_groups())
         if check:
             self._check_same(small, atol)
         try:
@@ -280,6 +270,28 @@ class OTO:
             }
         )
         return artifact.attach_record(small, record)
+
+    def _without(
+        self, removed_groups: Iterable[int]
+    ) -> tuple[nn.Module, list[list[str]], dict[str, dict[int, list[int]]]]:
+        """A copy of the model without ``removed_groups`` (those that can go together), with
+        the erased branches' module names and the kept indices of the pruned tensors."""
+        removed = list(removed_groups)
+        erased = self.connected([g for g in removed if self.groups[g].kind == "erase"])
+        branches = [self.branches[g].modules for g in erased]
+        gone = tuple(m + "." for modules in branches for m in modules)
+        pruned = self.removable([g for g in removed if self.groups[g].kind == "prune"])
+        kept = {n: dims for n, dims in self.kept_indices(pruned).items() if not n.startswith(gone)}
+        small = copy.deepcopy(self.model)
+        for modules in branches:
+            erase_modules(small, modules)
+        apply_kept(small, kept)
+        return small.eval(), branches, kept
+
+    def flops_without(self, removed_groups: Iterable[int]) -> int:
+        """FLOPs (:func:`count_flops`, on the example inputs) of the subnet that would remain
+        without ``removed_groups``; the model itself is not changed."""
+        return count_flops(self._without(removed_groups)[0], self.example_inputs)
 
     def _check_same(self, small: nn.Module, atol: float) -> None:
         was_training = self.model.training
