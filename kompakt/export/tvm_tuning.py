@@ -29,6 +29,9 @@ from kompakt.runtime.tvm import usable_cores
 REMEASURE_TOP = 5  # records per task measured again before the best is applied
 REMEASURE_ROUNDS = 3  # rounds over all of them, so drift hits every candidate alike
 REMEASURE_REPEATS = 5  # repeats per round; each at least 50 ms of runs
+# the re-measured records all built and ran during tuning, so a timeout there means a loaded
+# machine, not a bad schedule: wait longer than MetaSchedule's 30 s before dropping one
+REMEASURE_TIMEOUT_S = 120
 
 
 def candidate_build(mod, target, _params):
@@ -130,13 +133,14 @@ def remeasured(mod, target, database):
             workload = database.commit_workload(task_mod)
             chosen += [(task_mod, r) for r in database.get_top_k(workload, REMEASURE_TOP)]
     candidates = [record.as_measure_candidate() for _, record in chosen]
-    builds = ms.builder.LocalBuilder(f_build=candidate_build).build(
-        [ms.builder.BuilderInput(c.sch.mod, target) for c in candidates]
-    )
+    builds = ms.builder.LocalBuilder(
+        f_build=candidate_build, timeout_sec=REMEASURE_TIMEOUT_S
+    ).build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
     runner = ms.runner.LocalRunner(
+        timeout_sec=REMEASURE_TIMEOUT_S,
         evaluator_config=ms.runner.EvaluatorConfig(
             number=1, repeat=REMEASURE_REPEATS, min_repeat_ms=50
-        )
+        ),
     )
     measurable = [  # (task's module, record, runner input) of the candidates that built
         (task_mod, record, ms.runner.RunnerInput(b.artifact_path, "cpu", c.args_info))
