@@ -172,6 +172,13 @@ def main() -> None:
         help="DHSPG runs that target a share of FLOPs removed instead of a group sparsity",
     )
     parser.add_argument(
+        "--pruning-periods",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="DHSPG runs each target once per value: the pruning window's number of splits",
+    )
+    parser.add_argument(
         "--hesso-sparsities",
         type=float,
         nargs="*",
@@ -206,6 +213,11 @@ def main() -> None:
     )
     targets = [(f"s={s}", {"target_group_sparsity": s}) for s in args.sparsities] + [
         (f"FLOPs -{f:.0%}", {"target_flops_reduction": f}) for f in args.flops_reductions
+    ]
+    targets = [
+        (label + (f", {p} periods" if p > 1 else ""), {**target, "pruning_periods": p})
+        for label, target in targets
+        for p in args.pruning_periods
     ]
     for label, target in targets:
         start = time.perf_counter()

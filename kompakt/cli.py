@@ -67,6 +67,7 @@ def _compress_prune(args: argparse.Namespace) -> int:
         "epochs",
         "start_epochs",
         "pruning_epochs",
+        "pruning_periods",
         "lr",
         "mode",
         "seed",
@@ -360,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pruning-epochs", type=float, help="epochs to drive redundant groups to zero (default: 1)"
+    )
+    p.add_argument(
+        "--pruning-periods",
+        type=int,
+        help="splits over the pruning window, each adding its share of the target (default: 1)",
     )
     p.add_argument("--lr", type=float, help="learning rate (default: 0.05)")
     p.add_argument("--seed", type=int, help="seed (default: 0)")

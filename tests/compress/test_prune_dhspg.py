@@ -73,6 +73,43 @@ def test_dhspg_config_is_validated():
         oto.dhspg(sparsity=0.5)
     with pytest.raises(KompaktError, match="epsilon must be in"):
         oto.dhspg(epsilon=1.5)
+    with pytest.raises(KompaktError, match="pruning_periods must be in"):
+        oto.dhspg(pruning_steps=4, pruning_periods=5)
+
+
+def test_dhspg_periods_add_redundant_groups_rescored_at_each_split():
+    """Three periods: a third of the target joins the redundant set at each split, chosen among
+    the remaining groups by their scores then; a group made tiny just before the second split
+    is picked by it. All are exactly zero by the end of the window."""
+    model, x, y = regression_problem()
+    oto = prune.OTO(model, (x[:4],))
+    opt = oto.dhspg(
+        lr=0.05,
+        target_group_sparsity=0.5,
+        start_pruning_step=10,
+        pruning_steps=90,
+        pruning_periods=3,
+    )
+    target = round(0.5 * len(oto.prunable))
+    sizes, sets = [], []
+    params = dict(model.named_parameters())
+    for step in range(120):
+        train(model, opt, x, y, 1, seed=step)
+        sizes.append(int(opt.redundant.sum()))
+        sets.append(set(opt.redundant.nonzero().flatten().tolist()))
+        if step == 39:  # just before the second split: shrink a group not chosen yet
+            tiny = next(g.id for g in oto.prunable if not opt.redundant[g.id])
+            with torch.no_grad():
+                for name, dim, idx in oto.groups[tiny].slices:
+                    p, idx = params[name], torch.as_tensor(idx)
+                    p.index_copy_(dim, idx, 1e-3 * p.index_select(dim, idx))
+    third = round(target / 3)
+    assert sizes[9] == 0 and sizes[10] == third and sizes[39] == third
+    assert sizes[40] == round(2 * target / 3) and sizes[70] == target == sizes[-1]
+    assert sets[10] < sets[40] < sets[70]
+    assert tiny not in sets[39] and tiny in sets[40]
+    assert int(opt.zero.sum()) == target and (opt.zero == opt.redundant).all()
+    assert len(oto.zeroed_groups()) == target
 
 
 class TwoFanIns(nn.Module):
@@ -150,18 +187,29 @@ def test_dhspg_flops_target_takes_the_fewest_top_groups_that_remove_that_share()
     assert prune.count_flops(model, (x,)) == full  # counting FLOPs left the model whole
 
 
-def test_dhspg_flops_target_is_reached_by_the_subnet_and_checked_up_front():
+@pytest.mark.parametrize("periods", [1, 2])
+def test_dhspg_flops_target_is_reached_by_the_subnet_and_checked_up_front(periods):
     torch.manual_seed(0)
     model, x = EarlyCostlyNet(), torch.randn(64, 3, 16, 16)
     y = torch.randint(0, 4, (64,))
     oto = prune.OTO(model, (x[:2],))
-    opt = oto.dhspg(lr=0.05, target_flops_reduction=0.5, start_pruning_step=3, pruning_steps=5)
-    for _ in range(12):
+    full = prune.count_flops(model, (x[:2],))
+    opt = oto.dhspg(
+        lr=0.05,
+        target_flops_reduction=0.5,
+        start_pruning_step=3,
+        pruning_steps=6,
+        pruning_periods=periods,
+    )
+    for step in range(12):
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step == 3:  # after the first split: a share of the target per period
+            removed = 1 - oto.flops_without(opt.redundant.nonzero().flatten().tolist()) / full
+            assert 0.5 / periods <= removed < 0.5 / periods + 0.1
     small = oto.construct_subnet()
-    assert prune.count_flops(small, (x[:2],)) <= 0.5 * prune.count_flops(model, (x[:2],))
+    assert prune.count_flops(small, (x[:2],)) <= 0.5 * full
     with pytest.raises(KompaktError, match="0.99 cannot be reached.*removes 9"):
         prune.OTO(model, (x[:2],)).dhspg(target_flops_reduction=0.99)

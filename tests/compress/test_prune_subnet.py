@@ -122,6 +122,7 @@ def test_cli_prunes_a_saved_classifier(tmp_path, option):
             "1",
             "--limit",
             "512",
+            *(["--pruning-periods", "2"] if option == "--flops-reduction" else []),
         ],
         capture_output=True,
         text=True,
@@ -138,4 +139,5 @@ def test_cli_prunes_a_saved_classifier(tmp_path, option):
     else:  # fewer groups than half remove half the FLOPs: the early channels cost the most
         assert metrics["flops_after"] <= 0.5 * metrics["flops_before"]
         assert step["config"]["target_flops_reduction"] == 0.5
+        assert step["config"]["pruning_periods"] == 2
         assert metrics["group_sparsity"] < 0.5

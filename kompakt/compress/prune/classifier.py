@@ -24,7 +24,8 @@ class PruneConfig:
     None, or the share of FLOPs to remove instead (see :class:`DHSPGConfig`). epochs: total DHSPG
     training epochs. start_epochs: plain epochs before the groups are split (warm-up).
     pruning_epochs: epochs over which the redundant groups are driven to zero; the rest of
-    the budget trains the remaining groups. lr, momentum, weight_decay, batch_size, seed:
+    the budget trains the remaining groups. pruning_periods: splits over the pruning window,
+    each adding an equal share of the target to the redundant set (see :class:`DHSPGConfig`). lr, momentum, weight_decay, batch_size, seed:
     SGD settings (cosine-annealed learning rate). epsilon: half-space projection threshold.
     unprunable: module names to keep whole (the classifier head is always kept).
     mode: ``prune`` (DHSPG over channel groups; ``target_group_sparsity`` of them) or
@@ -42,6 +43,7 @@ class PruneConfig:
     batch_size: int = 128
     seed: int = 0
     epsilon: float = 0.9
+    pruning_periods: int = 1
     unprunable: tuple[str, ...] = ()
     mode: str = "prune"
 
@@ -83,6 +85,7 @@ def prune_classifier(
         start_pruning_step=int(config.start_epochs * steps_per_epoch),
         pruning_steps=max(1, int(config.pruning_epochs * steps_per_epoch)),
         epsilon=config.epsilon,
+        pruning_periods=config.pruning_periods,
     )
     train = TrainConfig(
         epochs=config.epochs,

@@ -2,7 +2,7 @@
 
 Each step first takes the base optimizer's trial step ``x_hat = x - lr * d`` (``d`` from
 SGD with momentum, Adam or AdamW). At ``start_pruning_step`` the prunable groups are split
-once into *redundant* and *important* by a saliency score: the cosine between a group's
+into *redundant* and *important* by a saliency score: the cosine between a group's
 parameters and its direction ``d`` (a step that shrinks the group scores high) and the inverse
 of its magnitude relative to its own layers (``groups.relative_energy``: each channel's energy
 over its tensor's mean channel energy), each L2-normalised over the groups, half and half. The
@@ -11,6 +11,13 @@ over its tensor's mean channel energy), each L2-normalised over the groups, half
 share of the model's FLOPs (the subnet's FLOPs are counted, found by bisection: a channel of an
 early, high-resolution layer costs far more than one of a late layer, so the same group
 sparsity removes a different share of FLOPs on each run).
+
+With ``pruning_periods = P > 1`` the pruning window is cut into ``P`` equal periods and a split
+opens each: it scores the groups not yet redundant with the weights and directions of that
+step and adds the highest, so that ``k / P`` of the target (of the group count, or of the FLOPs
+share) is redundant after the ``k``-th. Groups chosen later are picked knowing how the network
+adapted to the earlier ones. (The OTOv2 DHSPG code splits once; the progressive choice over
+periods is that of the authors' later HESSO.)
 
 From then on, until the target is reached, each redundant group ``g`` also takes a
 group-lasso step ``- lr * lambda_g * x_g / ||x_g||``, where ``lambda_g`` adapts to the angle
@@ -26,9 +33,9 @@ Groups that reached zero stay zero.
 Two things differ from the published defaults, so that the target is reached within a short
 training budget (the published runs use tens of thousands of steps with a fixed
 ``lmbda = 1e-3``): unless ``lmbda`` is given, each redundant group's floor is
-``||x_g|| / (lr * pruning_steps)`` measured at the split, the penalty that alone would shrink
-it to zero within ``pruning_steps`` (divided by the current learning rate, so any schedule
-works); and at ``start_pruning_step + pruning_steps`` any
+``||x_g|| / (lr * s)`` measured at its split, with ``s`` the steps left in the window: the
+penalty that alone would shrink it to zero by the window's end (divided by the current
+learning rate, so any schedule works); and at ``start_pruning_step + pruning_steps`` any
 redundant group not yet zero is projected to zero (counted in ``forced``).
 """
 
@@ -62,8 +69,10 @@ class DHSPGConfig:
     start_pruning_step: optimizer steps of plain training before the groups are split.
     pruning_steps: steps after the split by which every redundant group is zero.
     epsilon: half-space projection threshold in [0, 1); larger projects earlier.
+    pruning_periods: splits over the pruning window (1: one split at ``start_pruning_step``,
+    as published); each adds an equal share of the target, chosen among the rest.
     lmbda: a fixed floor of the adaptive group-lasso weight (the published value for SGD is
-    1e-3); None: each group's budget floor ``||x_g|| / (lr * pruning_steps)``.
+    1e-3); None: each group's budget floor ``||x_g|| / (lr * steps left in the window)``.
     lmbda_amplify, hat_lmbda_coeff: the weight's multiplier over the least shrinking penalty
     and its cap as a multiple of the floor (the published SGD values; for Adam the authors
     used 20 and 1000 with ``lmbda = 1e-2``).
@@ -79,6 +88,7 @@ class DHSPGConfig:
     start_pruning_step: int = 0
     pruning_steps: int = 1000
     epsilon: float = 0.9
+    pruning_periods: int = 1
     lmbda: float | None = None
     lmbda_amplify: float = 2.0
     hat_lmbda_coeff: float = 10.0
@@ -102,6 +112,10 @@ class DHSPGConfig:
         )
         check(self.pruning_steps >= 1, f"pruning_steps must be >= 1, got {self.pruning_steps}")
         check(0 <= self.epsilon < 1, f"epsilon must be in [0, 1), got {self.epsilon}")
+        check(
+            1 <= self.pruning_periods <= self.pruning_steps,
+            f"pruning_periods must be in [1, pruning_steps], got {self.pruning_periods}",
+        )
         check(self.lmbda is None or self.lmbda > 0, f"lmbda must be > 0, got {self.lmbda}")
         check(self.lmbda_amplify > 0, f"lmbda_amplify must be > 0, got {self.lmbda_amplify}")
         check(
@@ -128,10 +142,11 @@ class DHSPG(torch.optim.Optimizer):
         self.redundant = torch.zeros(n, dtype=torch.bool)
         self.zero = torch.zeros(n, dtype=torch.bool)
         self.steps = 0
+        self.period = 0
         self.forced = 0
-        self.target = int(round(config.target_group_sparsity * len(self.candidates)))
+        self.final = int(round(config.target_group_sparsity * len(self.candidates)))
+        self.target = 0  # grows at each period's split
         if config.target_flops_reduction is not None:
-            self.target = 0  # known at the split
             self.flops = oto.flops_without([])
             ids = oto.select(kind, [g.id for g in self.candidates])
             most = 1 - oto.flops_without(ids) / max(1, self.flops)
@@ -183,7 +198,7 @@ class DHSPG(torch.optim.Optimizer):
         return directions
 
     def _partition(self, directions: dict[str, torch.Tensor]) -> None:
-        """Split the prunable groups once: the highest saliency scores are redundant."""
+        """Add the next period's redundant groups: the highest saliency scores of the rest."""
         oto, n = self.oto, len(self.oto.groups)
         params = {k: p.detach() for k, p in self.names.items()}
         xx = group_reduce(oto.model, oto.slots, n, torch.square)
@@ -193,7 +208,11 @@ class DHSPG(torch.optim.Optimizer):
         # magnitude relative to the group's own layers: a magnitude per element ranks nearly
         # every channel of a wide-fan-in layer (small weights since initialisation) redundant
         inv_mag = 1.0 / (relative_energy(oto.model, oto.slots, n).sqrt() + 1e-6)
-        ids = torch.tensor([g.id for g in self.candidates], dtype=torch.long)
+        self.period += 1
+        share = self.period / self.config.pruning_periods
+        ids = torch.tensor(
+            [g.id for g in self.candidates if not self.redundant[g.id]], dtype=torch.long
+        )
         if not len(ids):
             return
         score = (
@@ -201,17 +220,21 @@ class DHSPG(torch.optim.Optimizer):
             + 0.5 * inv_mag[ids] / inv_mag[ids].norm()
         )
         order = ids[torch.argsort(score, descending=True, stable=True)].tolist()
-        chosen = oto.select(self.kind, order)
+        before = self.redundant.nonzero().flatten().tolist()
+        chosen = oto.select(self.kind, before + order)
         if self.config.target_flops_reduction is not None:
-            self.target = self._fewest_reaching_flops_target(chosen)
-        for g in chosen[: self.target]:
+            self.target = max(len(before), self._fewest_reaching_flops_target(chosen, share))
+        else:
+            self.target = int(round(share * self.final))
+        left = self.config.start_pruning_step + self.config.pruning_steps - self.steps + 1
+        for g in chosen[len(before) : self.target]:
             self.redundant[g] = True
-        self.budget = xx.sqrt() / self.config.pruning_steps
+            self.budget[g] = xx[g].sqrt() / left
 
-    def _fewest_reaching_flops_target(self, chosen: list[int]) -> int:
+    def _fewest_reaching_flops_target(self, chosen: list[int], share: float) -> int:
         """The least ``k`` such that removing ``chosen[:k]`` removes the target FLOPs share
         (FLOPs never grow as groups go, so bisection finds it)."""
-        goal = (1 - self.config.target_flops_reduction) * self.flops
+        goal = (1 - share * self.config.target_flops_reduction) * self.flops
         lo, hi = 0, len(chosen)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -232,7 +255,9 @@ class DHSPG(torch.optim.Optimizer):
         lr = self.param_groups[0]["lr"]
         directions = self._directions()
         self.steps += 1
-        if self.steps == c.start_pruning_step + 1:
+        since = self.steps - c.start_pruning_step - 1
+        period_steps = c.pruning_steps // c.pruning_periods
+        if since >= 0 and self.period < c.pruning_periods and since == self.period * period_steps:
             self._partition(directions)
         penalize = self.partitioned and self.redundant.any() and int(self.zero.sum()) < self.target
         if penalize:
