@@ -67,7 +67,7 @@ class DHSPGConfig:
     inputs) to remove; it replaces ``target_group_sparsity``: the redundant set is the fewest
     highest-scoring groups whose removal reaches it.
     start_pruning_step: optimizer steps of plain training before the groups are split.
-    pruning_steps: steps after the split by which every redundant group is zero.
+    pruning_steps: steps after the (first) split by which every redundant group is zero.
     epsilon: half-space projection threshold in [0, 1); larger projects earlier.
     pruning_periods: splits over the pruning window (1: one split at ``start_pruning_step``,
     as published); each adds an equal share of the target, chosen among the rest.
