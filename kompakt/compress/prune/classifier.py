@@ -26,7 +26,8 @@ class PruneConfig:
     pruning_epochs: epochs over which the redundant groups are driven to zero; the rest of
     the budget trains the remaining groups. pruning_periods: splits over the pruning window,
     each adding an equal share of the target to the redundant set (see :class:`DHSPGConfig`).
-    lr, momentum, weight_decay, batch_size, seed: SGD settings (cosine-annealed learning rate). epsilon: half-space projection threshold.
+    lr, momentum, weight_decay, batch_size, seed: SGD settings (cosine-annealed learning rate).
+    epsilon: half-space projection threshold.
     unprunable: module names to keep whole (the classifier head is always kept).
     mode: ``prune`` (DHSPG over channel groups; ``target_group_sparsity`` of them) or
     ``erase`` (H2SPG over residual branches; ``target_group_sparsity`` of the erasable ones).

@@ -199,6 +199,8 @@ class DHSPG(torch.optim.Optimizer):
 
     def _partition(self, directions: dict[str, torch.Tensor]) -> None:
         """Add the next period's redundant groups: the highest saliency scores of the rest."""
+        self.period += 1
+        share = self.period / self.config.pruning_periods
         oto, n = self.oto, len(self.oto.groups)
         params = {k: p.detach() for k, p in self.names.items()}
         xx = group_reduce(oto.model, oto.slots, n, torch.square)
@@ -208,8 +210,6 @@ class DHSPG(torch.optim.Optimizer):
         # magnitude relative to the group's own layers: a magnitude per element ranks nearly
         # every channel of a wide-fan-in layer (small weights since initialisation) redundant
         inv_mag = 1.0 / (relative_energy(oto.model, oto.slots, n).sqrt() + 1e-6)
-        self.period += 1
-        share = self.period / self.config.pruning_periods
         ids = torch.tensor(
             [g.id for g in self.candidates if not self.redundant[g.id]], dtype=torch.long
         )
@@ -257,7 +257,7 @@ class DHSPG(torch.optim.Optimizer):
         self.steps += 1
         since = self.steps - c.start_pruning_step - 1
         period_steps = c.pruning_steps // c.pruning_periods
-        if since >= 0 and self.period < c.pruning_periods and since == self.period * period_steps:
+        if self.period < c.pruning_periods and since == self.period * period_steps:
             self._partition(directions)
         penalize = self.partitioned and self.redundant.any() and int(self.zero.sum()) < self.target
         if penalize:
