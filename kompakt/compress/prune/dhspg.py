@@ -197,15 +197,23 @@ class DHSPG(torch.optim.Optimizer):
                 directions[name] = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + 1e-8)
         return directions
 
-    def _partition(self, directions: dict[str, torch.Tensor]) -> None:
-        """Add the next period's redundant groups: the highest saliency scores of the rest."""
-        self.period += 1
-        share = self.period / self.config.pruning_periods
+    def _group_products(
+        self, directions: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per group: ``||x_g||^2``, ``<x_g, d_g>`` and ``||d_g||^2``."""
         oto, n = self.oto, len(self.oto.groups)
         params = {k: p.detach() for k, p in self.names.items()}
         xx = group_reduce(oto.model, oto.slots, n, torch.square)
         xd = group_reduce(oto.model, oto.slots, n, lambda t: t, _products(params, directions))
         dd = group_reduce(oto.model, oto.slots, n, torch.square, directions)
+        return xx, xd, dd
+
+    def _partition(self, directions: dict[str, torch.Tensor]) -> None:
+        """Add the next period's redundant groups: the highest saliency scores of the rest."""
+        self.period += 1
+        share = self.period / self.config.pruning_periods
+        oto, n = self.oto, len(self.oto.groups)
+        xx, xd, dd = self._group_products(directions)
         cos = xd / (xx.sqrt() * dd.sqrt()).clamp_min(1e-12)
         # magnitude relative to the group's own layers: a magnitude per element ranks nearly
         # every channel of a wide-fan-in layer (small weights since initialisation) redundant
@@ -288,11 +296,8 @@ class DHSPG(torch.optim.Optimizer):
 
     def _lasso_coefficients(self, directions: dict[str, torch.Tensor], lr: float) -> torch.Tensor:
         """``lambda_g / ||x_g||`` for each redundant, not yet zero group (0 elsewhere)."""
-        c, oto, n = self.config, self.oto, len(self.oto.groups)
-        params = {k: p.detach() for k, p in self.names.items()}
-        xx = group_reduce(oto.model, oto.slots, n, torch.square)
-        xd = group_reduce(oto.model, oto.slots, n, lambda t: t, _products(params, directions))
-        dd = group_reduce(oto.model, oto.slots, n, torch.square, directions)
+        c, n = self.config, len(self.oto.groups)
+        xx, xd, dd = self._group_products(directions)
         norm = xx.sqrt().clamp_min(1e-12)
         floor = (
             self.budget / lr if c.lmbda is None else torch.full((n,), c.lmbda, dtype=torch.float64)
