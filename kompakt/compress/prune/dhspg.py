@@ -269,7 +269,8 @@ class DHSPG(torch.optim.Optimizer):
             self._partition(directions)
         penalize = self.partitioned and self.redundant.any() and int(self.zero.sum()) < self.target
         if penalize:
-            coef = self._lasso_coefficients(directions, lr)
+            xx, xd, dd = self._group_products(directions)
+            coef = self._lasso_coefficients(xx, xd, dd, lr)
         old = {k: p.detach().clone() for k, p in self.names.items()} if penalize else None
         for name, p in self.names.items():
             if name in directions:
@@ -283,7 +284,7 @@ class DHSPG(torch.optim.Optimizer):
                 shape = [1] * p.dim()
                 shape[slot.dim] = -1
                 p.sub_(lr * scale.view(shape) * old[slot.param])
-            xx = group_reduce(oto.model, oto.slots, n, torch.square, old)
+            # half-space test <x_hat_g, x_g> < epsilon ||x_g||^2, xx taken before the step
             cross = group_reduce(oto.model, oto.slots, n, lambda t: t, _products(old, self.names))
             self.zero |= self.redundant & (cross < c.epsilon * xx)
         if self.partitioned and self.steps >= c.start_pruning_step + c.pruning_steps:
@@ -294,10 +295,12 @@ class DHSPG(torch.optim.Optimizer):
             oto.project(self.zero)
         return loss
 
-    def _lasso_coefficients(self, directions: dict[str, torch.Tensor], lr: float) -> torch.Tensor:
-        """``lambda_g / ||x_g||`` for each redundant, not yet zero group (0 elsewhere)."""
+    def _lasso_coefficients(
+        self, xx: torch.Tensor, xd: torch.Tensor, dd: torch.Tensor, lr: float
+    ) -> torch.Tensor:
+        """``lambda_g / ||x_g||`` for each redundant, not yet zero group (0 elsewhere), from the
+        per-group products of :meth:`_group_products`."""
         c, n = self.config, len(self.oto.groups)
-        xx, xd, dd = self._group_products(directions)
         norm = xx.sqrt().clamp_min(1e-12)
         floor = (
             self.budget / lr if c.lmbda is None else torch.full((n,), c.lmbda, dtype=torch.float64)
