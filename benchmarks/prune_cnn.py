@@ -187,6 +187,15 @@ def main() -> None:
         help="DHSPG's (and HESSO's) warm-up and pruning window as shares of the budget",
     )
     parser.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "onecycle"),
+        default="cosine",
+        help="DHSPG's learning-rate schedule (dense and Torch-Pruning train with onecycle)",
+    )
+    parser.add_argument(
+        "--nesterov", action="store_true", help="DHSPG's SGD with Nesterov momentum, as dense's"
+    )
+    parser.add_argument(
         "--hesso-sparsities",
         type=float,
         nargs="*",
@@ -218,6 +227,8 @@ def main() -> None:
         pruning_epochs=args.schedule[1] * args.epochs,
         lr=args.lr,
         seed=args.seed,
+        schedule=args.lr_schedule,
+        nesterov=args.nesterov,
     )
     targets = [(f"s={s}", {"target_group_sparsity": s}) for s in args.sparsities] + [
         (f"FLOPs -{f:.0%}", {"target_flops_reduction": f}) for f in args.flops_reductions

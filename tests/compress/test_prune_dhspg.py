@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -64,6 +66,30 @@ def test_dhspg_plain_before_the_split_and_never_empties_a_layer():
         if p.dim() == 2:
             assert (p.abs().sum(1) > 0).any(), f"{name} lost every row"
     assert 0 < opt.group_sparsity < 0.99
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_dhspg_before_the_split_steps_as_torch_sgd_under_onecycle(nesterov):
+    # OneCycleLR cycles the learning rate and the momentum, which DHSPG must follow
+    model, x, y = regression_problem()
+    reference = copy.deepcopy(model)
+    oto = prune.OTO(model, (x[:4],))
+    settings = dict(lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=1e-3)
+    optimizers = [
+        oto.dhspg(**settings, start_pruning_step=100),
+        torch.optim.SGD(reference.parameters(), **settings),
+    ]
+    for net, opt in zip([model, reference], optimizers, strict=True):
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=30)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x[idx]), y[idx]).backward()
+            opt.step()
+            schedule.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
 
 
 def test_dhspg_config_is_validated():

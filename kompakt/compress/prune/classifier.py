@@ -26,7 +26,9 @@ class PruneConfig:
     pruning_epochs: epochs over which the redundant groups are driven to zero; the rest of
     the budget trains the remaining groups. pruning_periods: splits over the pruning window,
     each adding an equal share of the target to the redundant set (see :class:`DHSPGConfig`).
-    lr, momentum, weight_decay, batch_size, seed: SGD settings (cosine-annealed learning rate).
+    lr, momentum, weight_decay, batch_size, seed: SGD settings. schedule: the learning rate's,
+    ``cosine`` (from ``lr`` down to 0) or ``onecycle`` (warm up to ``lr``, then anneal).
+    nesterov: Nesterov momentum.
     epsilon: half-space projection threshold.
     unprunable: module names to keep whole (the classifier head is always kept).
     mode: ``prune`` (DHSPG over channel groups; ``target_group_sparsity`` of them) or
@@ -40,6 +42,8 @@ class PruneConfig:
     pruning_epochs: float = 1.0
     lr: float = 0.05
     momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "cosine"
     weight_decay: float = 5e-4
     batch_size: int = 128
     seed: int = 0
@@ -55,6 +59,10 @@ class PruneConfig:
         check(
             self.start_epochs + self.pruning_epochs <= self.epochs,
             "start_epochs + pruning_epochs must fit in epochs",
+        )
+        check(
+            self.schedule in ("cosine", "onecycle"),
+            f"schedule must be cosine or onecycle, got {self.schedule!r}",
         )
         check(self.mode in ("prune", "erase"), f"mode must be prune or erase, got {self.mode!r}")
         object.__setattr__(self, "unprunable", tuple(self.unprunable))
@@ -80,6 +88,7 @@ def prune_classifier(
     optimizer = make(
         lr=config.lr,
         momentum=config.momentum,
+        nesterov=config.nesterov,
         weight_decay=config.weight_decay,
         target_group_sparsity=config.target_group_sparsity,
         target_flops_reduction=config.target_flops_reduction,
@@ -93,7 +102,7 @@ def prune_classifier(
         batch_size=config.batch_size,
         lr=config.lr,
         seed=config.seed,
-        schedule="cosine",
+        schedule=config.schedule,
     )
     metrics: dict[str, Any] = {
         "groups": len(oto.groups),

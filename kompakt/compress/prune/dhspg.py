@@ -60,12 +60,12 @@ VARIANTS = ("sgd", "adam", "adamw")
 class DHSPGConfig:
     """Hyperparameters of DHSPG.
 
-    lr: learning rate of the base step. variant: base direction, ``sgd`` (with ``momentum``),
-    ``adam`` or ``adamw`` (with ``betas``). weight_decay: L2 penalty added to the gradient
-    (decoupled for ``adamw``). target_group_sparsity: fraction of the prunable groups to zero.
-    target_flops_reduction: None, or the share of the model's FLOPs (on ``oto``'s example
-    inputs) to remove; it replaces ``target_group_sparsity``: the redundant set is the fewest
-    highest-scoring groups whose removal reaches it.
+    lr: learning rate of the base step. variant: base direction, ``sgd`` (with ``momentum``,
+    Nesterov's when ``nesterov``), ``adam`` or ``adamw`` (with ``betas``). weight_decay: L2
+    penalty added to the gradient (decoupled for ``adamw``). target_group_sparsity: fraction
+    of the prunable groups to zero. target_flops_reduction: None, or the share of the model's
+    FLOPs (on ``oto``'s example inputs) to remove; it replaces ``target_group_sparsity``: the
+    redundant set is the fewest highest-scoring groups whose removal reaches it.
     start_pruning_step: optimizer steps of plain training before the groups are split.
     pruning_steps: steps after the (first) split by which every redundant group is zero.
     epsilon: half-space projection threshold in [0, 1); larger projects earlier.
@@ -81,6 +81,7 @@ class DHSPGConfig:
     lr: float = 0.1
     variant: str = "sgd"
     momentum: float = 0.9
+    nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     target_group_sparsity: float = 0.5
@@ -137,7 +138,12 @@ class DHSPG(torch.optim.Optimizer):
         self.kind = kind
         self.candidates = oto.prunable if kind == "prune" else oto.erasable
         self.names = dict(oto.model.named_parameters())
-        super().__init__(list(self.names.values()), {"lr": config.lr})
+        # momentum (or Adam's betas) lives in the parameter group, as in torch's optimizers,
+        # so that a scheduler such as OneCycleLR can cycle it
+        momentum = (
+            {"momentum": config.momentum} if config.variant == "sgd" else {"betas": config.betas}
+        )
+        super().__init__(list(self.names.values()), {"lr": config.lr, **momentum})
         n = len(oto.groups)
         self.redundant = torch.zeros(n, dtype=torch.bool)
         self.zero = torch.zeros(n, dtype=torch.bool)
@@ -170,7 +176,7 @@ class DHSPG(torch.optim.Optimizer):
 
     def _directions(self) -> dict[str, torch.Tensor]:
         """The base optimizer's update direction ``d`` for every parameter with a gradient."""
-        c = self.config
+        c, group = self.config, self.param_groups[0]
         directions = {}
         for name, p in self.names.items():
             if p.grad is None:
@@ -180,15 +186,16 @@ class DHSPG(torch.optim.Optimizer):
                 g = g + c.weight_decay * p.detach()
             state = self.state[p]
             if c.variant == "sgd":
-                if c.momentum:
+                momentum = group["momentum"]
+                if momentum:
                     buf = state.get("momentum")
                     state["momentum"] = buf = (
-                        g.clone() if buf is None else buf.mul_(c.momentum).add_(g)
+                        g.clone() if buf is None else buf.mul_(momentum).add_(g)
                     )
-                    g = buf
+                    g = g + momentum * buf if c.nesterov else buf
                 directions[name] = g
             else:
-                b1, b2 = c.betas
+                b1, b2 = group["betas"]
                 t = state["t"] = state.get("t", 0) + 1
                 m = state["m"] = state.get("m", torch.zeros_like(p)).mul_(b1).add_(g, alpha=1 - b1)
                 v = state["v"] = (
