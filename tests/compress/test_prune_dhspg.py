@@ -97,6 +97,8 @@ def test_dhspg_config_is_validated():
     oto = prune.OTO(model, (x[:4],))
     with pytest.raises(KompaktError, match="unknown field.*sparsity"):
         oto.dhspg(sparsity=0.5)
+    with pytest.raises(KompaktError, match="nesterov needs variant sgd"):
+        oto.dhspg(variant="adam", nesterov=True)
     with pytest.raises(KompaktError, match="epsilon must be in"):
         oto.dhspg(epsilon=1.5)
     with pytest.raises(KompaktError, match="pruning_periods must be in"):

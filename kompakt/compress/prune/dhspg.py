@@ -98,6 +98,10 @@ class DHSPGConfig:
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.variant in VARIANTS, f"variant must be sgd, adam or adamw, got {self.variant!r}")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        check(
+            not self.nesterov or (self.variant == "sgd" and self.momentum > 0),
+            "nesterov needs variant sgd with momentum > 0",
+        )
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(
             0 <= self.target_group_sparsity < 1,
