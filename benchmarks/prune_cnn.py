@@ -43,7 +43,7 @@ from kompakt.compress.prune import count_flops, count_params
 from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
 from kompakt.data import fashion_mnist
 from kompakt.models import build
-from kompakt.train import TrainConfig, accuracy, train_classifier
+from kompakt.train import SCHEDULES, TrainConfig, accuracy, train_classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hesso_baseline import hesso_subnet  # noqa: E402
@@ -188,7 +188,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--lr-schedule",
-        choices=("cosine", "onecycle"),
+        choices=SCHEDULES,
         default="cosine",
         help="DHSPG's learning-rate schedule (dense and Torch-Pruning train with onecycle)",
     )

@@ -11,6 +11,8 @@ from tqdm.auto import tqdm
 
 from kompakt.config import check
 
+SCHEDULES = ("onecycle", "cosine")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -37,10 +39,7 @@ class TrainConfig:
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         check(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
-        check(
-            self.schedule in ("onecycle", "cosine"),
-            f"schedule must be onecycle or cosine, got {self.schedule!r}",
-        )
+        check_schedule(self.schedule)
 
 
 def train_classifier(
@@ -115,3 +114,8 @@ def accuracy(
         )
     model.train(was_training)
     return correct / len(images)
+
+
+def check_schedule(schedule: str) -> None:
+    """Refuse a learning-rate schedule that is not one of :data:`SCHEDULES`."""
+    check(schedule in SCHEDULES, f"schedule must be onecycle or cosine, got {schedule!r}")

@@ -18,7 +18,7 @@ def regression_problem(seed=0):
     return model, x, y
 
 
-def train(model, opt, x, y, steps, seed=0):
+def train(model, opt, x, y, steps, seed=0, schedule=None):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(x), (64,), generator=g)
@@ -26,6 +26,8 @@ def train(model, opt, x, y, steps, seed=0):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
     with torch.no_grad():
         return nn.functional.mse_loss(model(x), y).item()
 
@@ -81,13 +83,7 @@ def test_dhspg_before_the_split_steps_as_torch_sgd_under_onecycle(nesterov):
     ]
     for net, opt in zip([model, reference], optimizers, strict=True):
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=30)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(30):
-            idx = torch.randint(0, len(x), (64,), generator=g)
-            opt.zero_grad()
-            nn.functional.mse_loss(net(x[idx]), y[idx]).backward()
-            opt.step()
-            schedule.step()
+        train(net, opt, x, y, 30, schedule=schedule)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
 

@@ -13,7 +13,7 @@ from kompakt import artifact
 from kompakt.compress.prune.erase import ErasedBranch
 from kompakt.compress.prune.oto import OTO, count_flops, count_params
 from kompakt.config import check, to_dict
-from kompakt.train import TrainConfig, accuracy, train_classifier
+from kompakt.train import TrainConfig, accuracy, check_schedule, train_classifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +60,7 @@ class PruneConfig:
             self.start_epochs + self.pruning_epochs <= self.epochs,
             "start_epochs + pruning_epochs must fit in epochs",
         )
-        check(
-            self.schedule in ("cosine", "onecycle"),
-            f"schedule must be cosine or onecycle, got {self.schedule!r}",
-        )
+        check_schedule(self.schedule)
         check(self.mode in ("prune", "erase"), f"mode must be prune or erase, got {self.mode!r}")
         object.__setattr__(self, "unprunable", tuple(self.unprunable))
 
