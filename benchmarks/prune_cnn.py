@@ -106,13 +106,18 @@ def prepare(args: argparse.Namespace) -> tuple[tuple, tuple, dict]:
     return (images, labels), fashion_mnist("test"), meta
 
 
-def write_rows(out: Path, meta: dict, rows: list[dict]) -> dict:
-    """Append ``rows`` (with ``meta``) to the JSONL file ``out``, print the table's caption;
-    returns the first row (the baseline)."""
+def record(out: Path, meta: dict, rows: list[dict], row: dict) -> None:
+    """Add ``row`` to ``rows``, print it and append it (with ``meta``) to the JSONL file
+    ``out`` at once, so a run cut short keeps the rows it finished."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps({**meta, **row}) + "\n")
+        f.write(json.dumps({**meta, **row}) + "\n")
+
+
+def caption(meta: dict, rows: list[dict]) -> dict:
+    """Print the table's caption; returns the first row (the baseline)."""
     print(
         f"\n{meta['date']}, {meta['machine']}, budget {meta['epochs']} epochs, `{meta['command']}`\n"
     )
@@ -216,8 +221,7 @@ def main() -> None:
     train_classifier(
         dense, *train, TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed), progress=False
     )
-    rows.append(measure("dense", dense, test, time.perf_counter() - start))
-    print(json.dumps(rows[-1]), flush=True)
+    record(args.out, meta, rows, measure("dense", dense, test, time.perf_counter() - start))
 
     schedule = PruneConfig(
         epochs=args.epochs,
@@ -242,7 +246,10 @@ def main() -> None:
         start = time.perf_counter()
         config = dataclasses.replace(schedule, **target)
         subnet, metrics = prune_classifier(fresh(args.seed), *train, config, progress=False)
-        rows.append(
+        record(
+            args.out,
+            meta,
+            rows,
             measure(
                 f"kompakt DHSPG {label}",
                 subnet,
@@ -250,22 +257,23 @@ def main() -> None:
                 time.perf_counter() - start,
                 group_sparsity=metrics["group_sparsity"],
                 forced=metrics["groups_projected_at_budget_end"],
-            )
+            ),
         )
-        print(json.dumps(rows[-1]), flush=True)
         model, seconds, ratio = torch_pruning_baseline(
             args.seed, train, test, args.epochs, rows[-1]["flops"], args.lr
         )
-        rows.append(
+        record(
+            args.out,
+            meta,
+            rows,
             measure(
                 f"Torch-Pruning magnitude @ FLOPs of DHSPG {label}",
                 model,
                 test,
                 seconds,
                 tp_ratio=ratio,
-            )
+            ),
         )
-        print(json.dumps(rows[-1]), flush=True)
 
     hesso_sparsities = args.sparsities if args.hesso_sparsities is None else args.hesso_sparsities
     for sparsity in hesso_sparsities:
@@ -283,12 +291,16 @@ def main() -> None:
             batch_size=schedule.batch_size,
             seed=args.seed,
         )
-        rows.append(
-            measure(f"only-train-once HESSO s={sparsity}", hesso, test, time.perf_counter() - start)
+        record(
+            args.out,
+            meta,
+            rows,
+            measure(
+                f"only-train-once HESSO s={sparsity}", hesso, test, time.perf_counter() - start
+            ),
         )
-        print(json.dumps(rows[-1]), flush=True)
 
-    base = write_rows(args.out, meta, rows)
+    base = caption(meta, rows)
     print(
         "| method | top-1 | Δ vs dense | FLOPs | FLOPs removed | params | latency b1 (ms) | latency b64 (ms) |"
     )

@@ -11,15 +11,15 @@ erased, FLOPs, parameters and eager CPU latency.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 from prune_cnn import (
     add_common_args,
+    caption,
     latency_ms,
     prepare,
-    write_rows,
+    record,
 )  # run as a script: prune_cnn.py sits beside it
 
 from kompakt.compress.prune import count_flops, count_params
@@ -68,8 +68,12 @@ def main() -> None:
         TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed),
         progress=False,
     )
-    rows.append(row("dense", dense, time.perf_counter() - start, blocks=3 * BLOCKS, erased=0))
-    print(json.dumps(rows[-1]), flush=True)
+    record(
+        args.out,
+        meta,
+        rows,
+        row("dense", dense, time.perf_counter() - start, blocks=3 * BLOCKS, erased=0),
+    )
     for target in args.targets:
         start = time.perf_counter()
         config = PruneConfig(
@@ -82,7 +86,10 @@ def main() -> None:
             seed=args.seed,
         )
         subnet, metrics = prune_classifier(fresh(args.seed), images, labels, config, progress=False)
-        rows.append(
+        record(
+            args.out,
+            meta,
+            rows,
             row(
                 f"kompakt H2SPG erase {target:.0%} of branches",
                 subnet,
@@ -91,10 +98,9 @@ def main() -> None:
                 erased=metrics["erased_branches"],
                 erasable=metrics["erasable_groups"],
                 forced=metrics["groups_projected_at_budget_end"],
-            )
+            ),
         )
-        print(json.dumps(rows[-1]), flush=True)
-    base = write_rows(args.out, meta, rows)
+    base = caption(meta, rows)
     print(
         "| method | top-1 | Δ vs dense | branches erased | FLOPs | params | latency b1 (ms) | latency b64 (ms) |"
     )
