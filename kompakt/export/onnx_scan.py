@@ -10,11 +10,19 @@ their stacked parameters: each step calls the first layer's code with one layer'
 holds one layer's nodes. The codebooks, scales and offsets of a Codebook layer may differ in
 count from layer to layer (one per group of rows); they are zero-padded to the largest count,
 which no row of a layer indexes.
+
+The body must be free of Python side effects: torch refuses to trace a ``scan`` whose step
+mutates an object from outside it. transformers 5.25 made the ``kernels`` package a
+dependency and wraps attention forwards in its routing (``use_kernelized_func``), which sets a
+context variable on every call to find the module's hub kernels; it changes nothing unless
+the model was ``kernelize``-d for a GPU. The template's modules call the forward under that
+wrapper instead (:func:`_without_kernel_routing`), and the math is the same.
 """
 
 from __future__ import annotations
 
 import itertools
+import types
 
 import torch
 from torch import nn
@@ -29,7 +37,7 @@ class StackedLayers(nn.Module):
 
     def __init__(self, layers: list[nn.Module]) -> None:
         super().__init__()
-        self._template = [layers[0]]  # a list: its own tensors are not this module's
+        self._template = [_without_kernel_routing(layers[0])]  # a list: not this module's
         tensors = [_tensors(layer) for layer in layers]
         self.names = list(tensors[0])
         for i, name in enumerate(self.names):
@@ -69,6 +77,19 @@ def stack_layers(model: nn.Module) -> int:
     inner.layers = nn.ModuleList([StackedLayers(list(layers))])
     config.num_hidden_layers = 1
     return len(layers)
+
+
+def _without_kernel_routing(layer: nn.Module) -> nn.Module:
+    """``layer`` with each submodule whose class forward is the ``kernels`` package's routing
+    wrapper calling the wrapped forward instead (see the module's docstring)."""
+    for module in layer.modules():
+        forward = type(module).forward
+        wrapped = getattr(forward, "__wrapped__", None)
+        # functools.wraps copies __module__; the wrapper's globals tell where it was defined
+        defined_in = getattr(forward, "__globals__", {}).get("__name__", "")
+        if wrapped is not None and defined_in.split(".")[0] == "kernels":
+            module.forward = types.MethodType(wrapped, module)
+    return layer
 
 
 def _tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
