@@ -176,6 +176,8 @@ ARCHITECTURES = {
         lambda: tiny_llama(tie=True),
         lambda b: {"input_ids": torch.randint(0, 96, (b, 6)), "use_cache": False},
     ),
+    # called as users call it, with plain token ids: kompakt turns off the cache it returns
+    "llama_plain_ids": (lambda: tiny_llama(tie=True), lambda b: (torch.randint(0, 96, (b, 6)),)),
     "bert": (tiny_bert, lambda b: {"input_ids": torch.randint(0, 64, (b, 6))}),
 }
 

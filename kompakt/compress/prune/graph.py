@@ -16,6 +16,7 @@ at once.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -193,14 +194,30 @@ class Context:
             self.freeze_value(arg, message)
 
 
-def trace(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
-    """Export ``model`` (in eval mode) with ``example_inputs`` (a tuple, a tensor or a dict)."""
+def call_arguments(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword arguments ``model`` is called with for ``example_inputs`` (a
+    tuple, a tensor, or a dict of keyword tensors). A model whose forward takes ``use_cache``
+    (transformers decoders, on by default) is called with ``use_cache=False`` unless the
+    inputs say otherwise: the cache it returns is an object torch.export cannot trace, and
+    pruning needs none."""
     if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
+        args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, tuple):
         args, kwargs = example_inputs, {}
     else:
         args, kwargs = (example_inputs,), {}
+    try:
+        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a signature
+        takes_cache = False
+    if takes_cache:
+        kwargs.setdefault("use_cache", False)
+    return args, kwargs
+
+
+def trace(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
+    """Export ``model`` (in eval mode) with ``example_inputs`` (see :func:`call_arguments`)."""
+    args, kwargs = call_arguments(model, example_inputs)
     was_training = model.training
     model.eval()
     try:

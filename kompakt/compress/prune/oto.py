@@ -26,19 +26,11 @@ from kompakt.compress.prune.erase import (
     reachable,
     restore_modules,
 )
-from kompakt.compress.prune.graph import analyze, trace
+from kompakt.compress.prune.graph import analyze, call_arguments, trace
 from kompakt.compress.prune.groups import Group, Slot, build_groups, group_reduce, zero_mask
 from kompakt.compress.prune.subnet import apply_kept
 from kompakt.config import from_mapping
 from kompakt.errors import KompaktError
-
-
-def _as_args(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), example_inputs
-    if isinstance(example_inputs, tuple):
-        return example_inputs, {}
-    return (example_inputs,), {}
 
 
 def output_tensors(out: Any) -> list[torch.Tensor]:
@@ -54,13 +46,13 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
-    args, kwargs = _as_args(example_inputs)
+    args, kwargs = call_arguments(model, example_inputs)
     return output_tensors(model(*args, **kwargs))
 
 
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """Floating-point operations of one forward pass (2 per multiply-add), by torch's counter."""
-    args, kwargs = _as_args(example_inputs)
+    args, kwargs = call_arguments(model, example_inputs)
     was_training = model.training
     model.eval()
     try:
