@@ -60,7 +60,10 @@ def check(lock: str, extra: list[str]) -> int:
         for name, version in sorted(wanted.items())
         if name in have and have[name] != version
     ]
-    problems += [f"{name}: locked at {wanted[name]}, not installed" for name in sorted(wanted.keys() - have.keys())]
+    problems += [
+        f"{name}: locked at {wanted[name]}, not installed"
+        for name in sorted(wanted.keys() - have.keys())
+    ]
     problems += [
         f"{name} {have[name]}: installed, not in the lock"
         for name in sorted(have.keys() - wanted.keys() - {PROJECT, INSTALLER})
