@@ -6,10 +6,12 @@ tensors). ``kompakt.json`` holds the format version, the kompakt version, the so
 applied with their configs and metrics, the structural plan that turns the base
 architecture into this model, and one entry per layer with its encoding.
 
-Rebuilding = base architecture (a registered model factory or a transformers config and
-class) + the plan + the tensors. Nothing is ever unpickled. Writes are atomic: everything is
-written to a temporary directory beside the target, fsynced, then renamed into place.
-No other module writes model files.
+Rebuilding = base architecture (a registered model factory, a transformers config and
+class, or the user's own factory named at save time) + the plan + the tensors. Nothing is
+ever unpickled, and code a manifest names (a user factory) is imported only when the caller
+says so (``trust_code=True``) or hands the factory itself to :func:`load`. Writes are
+atomic: everything is written to a temporary directory beside the target, fsynced, then
+renamed into place. No other module writes model files.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -44,8 +47,11 @@ RECORD_ATTR = "kompakt_record"
 class Record:
     """What a model carries so that it can be saved and rebuilt.
 
-    ``source`` says how to build the base architecture: ``{"kind": "registry", "name", "kwargs"}``
-    or ``{"kind": "transformers", "class", "config"}``, plus a human ``label``.
+    ``source`` says how to build the base architecture: ``{"kind": "registry", "name", "kwargs"}``,
+    ``{"kind": "transformers", "class", "config"}`` or ``{"kind": "factory", "factory":
+    "pkg.module:function", "kwargs"}``, plus a human ``label``. A module kompakt did not build
+    gets ``{"kind": "module", "class"}``: it can be compressed and exported as it is, and is
+    saved once :func:`save` is told its factory.
     ``plan`` lists the structural changes applied to the base, in order; each entry has a
     ``kind`` handled by a function registered with :func:`plan_step`.
     """
@@ -91,7 +97,9 @@ def attach_record(model: nn.Module, record: Record) -> nn.Module:
 
 
 def record_of(model: nn.Module) -> Record:
-    """The model's record; transformers models get one from their config on first use."""
+    """The model's record, attached on first use: transformers models are described by their
+    config, any other module by its class (enough to compress it; :func:`save` then asks for
+    its factory)."""
     record = getattr(model, RECORD_ATTR, None)
     if record is not None:
         return record
@@ -100,13 +108,67 @@ def record_of(model: nn.Module) -> Record:
     except ImportError:  # pragma: no cover - transformers is a dependency
         PreTrainedModel = ()  # noqa: N806
     if isinstance(model, PreTrainedModel):
-        record = Record(source=transformers_source(model))
-        attach_record(model, record)
-        return record
-    raise KompaktError(
-        f"cannot save a {type(model).__name__}: kompakt does not know how to rebuild its "
-        "architecture; build it with kompakt.models.build(name) or use a transformers model"
-    )
+        source = transformers_source(model)
+    else:
+        cls = type(model)
+        source = {
+            "kind": "module",
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "label": cls.__name__,
+        }
+    record = Record(source=source)
+    attach_record(model, record)
+    return record
+
+
+FACTORY_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def factory_source(
+    factory: str | Callable[..., nn.Module], kwargs: dict[str, Any], label: str
+) -> dict[str, Any]:
+    """A source entry for the user's own factory: ``"pkg.module:function"`` (or a function or
+    class importable under that name) called with ``kwargs`` (JSON values) to build the base
+    architecture. The factory is resolved now, so that a wrong name fails at save time."""
+    if callable(factory):
+        name = f"{factory.__module__}:{factory.__qualname__}"
+        if factory.__module__ == "__main__" or "<" in factory.__qualname__:
+            raise KompaktError(
+                f"factory {name}: cannot be imported by name when the artifact is loaded (it is "
+                "defined in a script, a function body or a lambda); move it to a module and pass "
+                "it, or its 'pkg.module:function' path"
+            )
+    else:
+        name = str(factory)
+    if not FACTORY_PATH.match(name):
+        raise KompaktError(f"factory {name!r}: expected 'pkg.module:function'")
+    try:
+        json_kwargs = json.loads(json.dumps(kwargs))
+    except (TypeError, ValueError) as e:
+        raise KompaktError(
+            f"factory {name}: kwargs must be JSON values (numbers, strings, lists, dicts): {e}"
+        ) from e
+    if json_kwargs != kwargs:
+        raise KompaktError(
+            f"factory {name}: kwargs do not survive JSON unchanged (tuples or non-string keys?); pass lists and string keys"
+        )
+    resolve_factory(name, "kompakt.save")
+    return {"kind": "factory", "factory": name, "kwargs": json_kwargs, "label": label}
+
+
+def resolve_factory(name: str, where: str) -> Callable[..., nn.Module]:
+    """Import ``"pkg.module:function"`` (this runs the module's code: callers decide whether
+    to trust it)."""
+    module_name, _, attribute = name.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise KompaktError(f"{where}: factory {name!r} cannot be imported ({e})") from e
+    if not callable(obj):
+        raise KompaktError(f"{where}: factory {name!r} is a {type(obj).__name__}, not callable")
+    return obj
 
 
 def transformers_source(model: nn.Module, label: str | None = None) -> dict[str, Any]:
@@ -212,11 +274,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    factory: str | Callable[..., nn.Module] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> Path:
     """Save ``model`` as an artifact directory at ``path`` (atomically) and return the path.
 
     An existing directory is replaced only with ``overwrite=True``; until the new artifact is
-    complete the old one stays untouched.
+    complete the old one stays untouched. A model kompakt did not build (not registered, not
+    a transformers model) needs ``factory``: ``"pkg.module:function"`` or that function or
+    class itself, which ``factory(**kwargs)`` builds the model's architecture *before* any
+    compression (the steps recorded since are replayed on it). The model's record keeps it.
     """
     from kompakt import __version__
 
@@ -228,6 +300,18 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
             f"{target}: exists and is not a kompakt artifact; refusing to replace it"
         )
     record = record_of(model)
+    if factory is not None:
+        label = record.source.get("label", type(model).__name__)
+        record.source = factory_source(factory, kwargs or {}, label)
+    elif kwargs is not None:
+        raise KompaktError("kompakt.save: kwargs= goes with factory=, the function it is passed to")
+    if record.source["kind"] == "module":
+        raise KompaktError(
+            f"cannot save a {record.source['class']}: kompakt does not know how to rebuild its "
+            "architecture; pass factory='pkg.module:function' (what builds it, before any "
+            "compression) and kwargs={...} to kompakt.save, or build a registered architecture "
+            "with kompakt.models.build(name)"
+        )
     state = model.state_dict()
     tensors, aliases = _split_aliases(state)
     manifest = {
@@ -338,9 +422,40 @@ def read_weights_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any
     return header
 
 
-def build_base(source: dict[str, Any], where: str = "source") -> nn.Module:
-    """Build the base architecture named by a manifest's ``source`` entry (random weights)."""
+def build_base(
+    source: dict[str, Any],
+    where: str = "source",
+    *,
+    trust_code: bool = False,
+    factory: Callable[..., nn.Module] | None = None,
+) -> nn.Module:
+    """Build the base architecture named by a manifest's ``source`` entry (random weights).
+
+    A ``factory`` source names code: it is imported only with ``trust_code=True``, or not at
+    all when the caller passes ``factory`` itself.
+    """
     kind = source.get("kind")
+    if factory is not None and kind != "factory":
+        raise KompaktError(
+            f"{where}: factory= was given, but the model is built from its {kind} source"
+        )
+    if kind == "factory":
+        name = source.get("factory")
+        if factory is None:
+            if not trust_code:
+                raise KompaktError(
+                    f"{where}: the model is built by {name!r}, code that the artifact names; "
+                    "kompakt imports it only when told to: kompakt.load(path, trust_code=True) "
+                    "(CLI: --trust-code) if you trust where the artifact came from, or "
+                    "kompakt.load(path, factory=<that function>)"
+                )
+            factory = resolve_factory(str(name), where)
+        model = factory(**source.get("kwargs", {}))
+        if not isinstance(model, nn.Module):
+            raise KompaktError(
+                f"{where}: factory {name!r} returned a {type(model).__name__}, not an nn.Module"
+            )
+        return model
     if kind == "registry":
         from kompakt.models import build
 
@@ -355,7 +470,9 @@ def build_base(source: dict[str, Any], where: str = "source") -> nn.Module:
             )
         config = cls.config_class.from_dict(source["config"])
         return cls(config)
-    raise KompaktError(f"{where}: unknown source kind {kind!r} (known: registry, transformers)")
+    raise KompaktError(
+        f"{where}: unknown source kind {kind!r} (known: registry, transformers, factory)"
+    )
 
 
 def _tie(model: nn.Module, alias: str, target: str) -> None:
@@ -365,13 +482,22 @@ def _tie(model: nn.Module, alias: str, target: str) -> None:
     setattr(owner, leaf, tensor)
 
 
-def load(path: str | os.PathLike[str]) -> nn.Module:
-    """Rebuild the model saved at ``path`` (in eval mode), with its record attached."""
+def load(
+    path: str | os.PathLike[str],
+    *,
+    trust_code: bool = False,
+    factory: Callable[..., nn.Module] | None = None,
+) -> nn.Module:
+    """Rebuild the model saved at ``path`` (in eval mode), with its record attached.
+
+    An artifact saved with a factory names code to import: pass ``trust_code=True`` to import
+    it, or ``factory`` (the function itself) to import nothing.
+    """
     root = Path(path)
     manifest = read_manifest(root)
     where = str(root / MANIFEST_FILE)
     read_weights_header(root / WEIGHTS_FILE)
-    model = build_base(manifest["source"], where)
+    model = build_base(manifest["source"], where, trust_code=trust_code, factory=factory)
     for i, entry in enumerate(manifest["plan"]):
         if entry.get("kind") in PLAN_MODULES and entry["kind"] not in _PLAN_HANDLERS:
             importlib.import_module(PLAN_MODULES[entry["kind"]])

@@ -45,7 +45,7 @@ def _compress_boost(args: argparse.Namespace) -> int:
     fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     config = from_mapping(boost.BoostHeadConfig, fields, "kompakt compress boost")
     _refuse_existing_out(args)
-    model = kompakt.load(args.artifact)
+    model = kompakt.load(args.artifact, trust_code=args.trust_code)
     metrics = boost.boost_classifier_head(
         model, fashion_mnist("train"), fashion_mnist("test"), config
     )
@@ -75,7 +75,7 @@ def _compress_prune(args: argparse.Namespace) -> int:
     fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     config = from_mapping(PruneConfig, fields, "kompakt compress prune")
     _refuse_existing_out(args)
-    model = kompakt.load(args.artifact)
+    model = kompakt.load(args.artifact, trust_code=args.trust_code)
     images, labels = fashion_mnist("train")
     subnet, m = prune_classifier(
         model, images[: args.limit], labels[: args.limit], config, test=fashion_mnist("test")
@@ -120,7 +120,7 @@ def _compress_quantize(args: argparse.Namespace) -> int:
         tokens = _wikitext_calibration(args.tokenizer or source, args.calib or 16)
         model = quantize.quantize_checkpoint(source, config, tokens, work_dir=args.work_dir)
     else:
-        model = kompakt.load(source)
+        model = kompakt.load(source, trust_code=args.trust_code)
         if quantize.is_decoder_lm(model):
             if args.tokenizer is None:
                 raise KompaktError(
@@ -192,7 +192,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     import kompakt
     from kompakt import export
 
-    model = kompakt.load(args.artifact)
+    model = kompakt.load(args.artifact, trust_code=args.trust_code)
     example = _example_input(args, model)
     report = export.onnx(
         model,
@@ -220,7 +220,7 @@ def _export_tvm(args: argparse.Namespace) -> int:
     import kompakt
     from kompakt import export
 
-    model = kompakt.load(args.artifact)
+    model = kompakt.load(args.artifact, trust_code=args.trust_code)
     report = export.tvm(
         model,
         _example_input(args, model),
@@ -309,7 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (overrides the recipe's 'out')")
     p.set_defaults(func=_pipeline)
 
-    artifact_io = argparse.ArgumentParser(add_help=False)
+    trusting = argparse.ArgumentParser(add_help=False)
+    trusting.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="import the model factory the artifact names, if it was saved with one (runs that "
+        "code: only for artifacts you trust)",
+    )
+    artifact_io = argparse.ArgumentParser(add_help=False, parents=[trusting])
     artifact_io.add_argument(
         "artifact", help="artifact directory of a trained Fashion-MNIST classifier"
     )
@@ -374,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = methods.add_parser(
         "quantize",
-        parents=[common],
+        parents=[common, trusting],
         help="quantize a model's Linear / Conv2d / Embedding layers (JLCM, GPTQ, RTN, k-means)",
     )
     p.add_argument(
@@ -455,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", parents=[common], help="export a saved model for a runtime")
     targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     p = targets.add_parser(
-        "onnx", parents=[common], help="ONNX for onnxruntime, validated against torch"
+        "onnx", parents=[common, trusting], help="ONNX for onnxruntime, validated against torch"
     )
     p.add_argument("artifact", help="kompakt artifact directory")
     p.add_argument(
@@ -478,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export_onnx)
 
     p = targets.add_parser(
-        "tvm", parents=[common], help="an Apache TVM bundle for the host, arm64 Linux or Android"
+        "tvm",
+        parents=[common, trusting],
+        help="an Apache TVM bundle for the host, arm64 Linux or Android",
     )
     p.add_argument("artifact", help="kompakt artifact directory")
     p.add_argument("--out", required=True, help="the bundle directory to write")

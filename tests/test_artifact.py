@@ -1,3 +1,4 @@
+import importlib
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import torch
 import kompakt
 from kompakt import artifact
 from kompakt.errors import KompaktError
+from tests import user_models
 from tests.models import tiny_cnn, tiny_llama
 
 
@@ -164,3 +166,103 @@ def test_no_pickle_in_the_weights_file(saved):
     assert b"\x80\x04" not in (saved / artifact.WEIGHTS_FILE).read_bytes()[:8]
     header = artifact.read_weights_header(saved / artifact.WEIGHTS_FILE)
     assert header["fc.weight"]["dtype"] == "F32"
+
+
+# --- models kompakt did not build: saved with their factory -------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(user_models.INPUTS))
+@pytest.mark.parametrize("method", ["jlcm", "gptq"])
+def test_a_users_model_quantized_in_memory_saves_with_its_factory_and_loads_identically(
+    tmp_path, name, method
+):
+    from kompakt.compress import quantize
+
+    model, make = user_models.build(name)
+    config = quantize.QuantizeConfig(method=method, bits=3, block=4, steps=5)
+    quantize.quantize(model, config, [make(32), make(32)], progress=False)  # nothing registered
+    assert artifact.record_of(model).steps[-1]["metrics"]["coded_layers"] >= 1
+    with pytest.raises(KompaktError, match=r"factory='pkg.module:function'"):
+        kompakt.save(model, tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    factory = getattr(user_models, name)
+    kompakt.save(model, tmp_path / "q", factory=factory)
+    manifest = json.loads((tmp_path / "q" / artifact.MANIFEST_FILE).read_text())
+    assert manifest["source"]["factory"] == f"tests.user_models:{name}"
+    x = make(5)  # another batch size than calibration's
+    for loaded in (
+        kompakt.load(tmp_path / "q", trust_code=True),
+        kompakt.load(tmp_path / "q", factory=factory),
+    ):
+        assert_same_state(model, loaded)
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_factory_kwargs_are_recorded_and_rebuild_the_same_widths(tmp_path):
+    model = user_models.user_mlp(hidden=[7, 5])
+    kompakt.save(
+        model, tmp_path / "m", factory="tests.user_models:user_mlp", kwargs={"hidden": [7, 5]}
+    )
+    loaded = kompakt.load(tmp_path / "m", trust_code=True)
+    assert [layer.out_features for layer in loaded.layers] == [7, 5]
+    assert_same_state(model, loaded)
+    # a second save keeps the factory the record learnt
+    kompakt.save(loaded, tmp_path / "again")
+    assert_same_state(model, kompakt.load(tmp_path / "again", trust_code=True))
+
+
+def test_loading_a_factory_artifact_without_trust_fails_and_imports_nothing(tmp_path, monkeypatch):
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    module = "kompakt_user_factory_under_test"
+    (site / f"{module}.py").write_text(
+        "from pathlib import Path\n"
+        "from torch import nn\n"
+        "Path(__file__).with_suffix('.imported').touch()  # a side effect of importing\n"
+        "def build(width=4):\n"
+        "    return nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2))\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    model = importlib.import_module(module).build(6)
+    kompakt.save(model, tmp_path / "a", factory=f"{module}:build", kwargs={"width": 6})
+    del sys.modules[module]
+    marker = site / f"{module}.imported"
+    marker.unlink()
+    with pytest.raises(KompaktError, match=r"trust_code=True.*--trust-code") as e:
+        kompakt.load(tmp_path / "a")
+    assert f"{module}:build" in str(e.value)
+    assert module not in sys.modules and not marker.exists()
+    loaded = kompakt.load(tmp_path / "a", trust_code=True)
+    assert marker.exists()
+    x = torch.randn(4, 3)
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs, message",
+    [
+        (lambda: user_models.sequential(), {}, "lambda"),
+        ("tests.user_models:no_such_factory", {}, "cannot be imported"),
+        ("not a path", {}, "expected 'pkg.module:function'"),
+        ("tests.user_models:sequential", {"width": (3, 4)}, "JSON"),
+        ("tests.user_models:sequential", {"width": torch.tensor(3)}, "JSON values"),
+        ("tests.user_models:INPUTS", {}, "not callable"),
+    ],
+    ids=["lambda", "missing", "malformed", "tuple-kwarg", "tensor-kwarg", "not-callable"],
+)
+def test_a_factory_that_cannot_rebuild_the_model_is_refused_at_save_time(
+    tmp_path, factory, kwargs, message
+):
+    with pytest.raises(KompaktError, match=message):
+        kompakt.save(user_models.sequential(), tmp_path / "a", factory=factory, kwargs=kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_factory_defined_in_a_function_body_is_refused(tmp_path):
+    def inner():
+        return user_models.sequential()
+
+    with pytest.raises(KompaktError, match="function body"):
+        kompakt.save(user_models.sequential(), tmp_path / "a", factory=inner)

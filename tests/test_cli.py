@@ -71,3 +71,19 @@ def test_pipeline_rejects_unknown_fields_before_running(tmp_path):
     assert result.returncode == 2
     assert "stages[0].train: unknown field(s) epoch" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_factory_artifact_needs_trust_code(tmp_path):
+    from tests import user_models
+
+    model, make = user_models.build("user_mlp")
+    kompakt.save(model, tmp_path / "m", factory=user_models.user_mlp)
+    out = tmp_path / "m.onnx"
+    args = ("export", "onnx", str(tmp_path / "m"), "--out", str(out), "--input-shape", "3,12")
+    refused = kompakt_cli(*args)
+    assert refused.returncode == 2
+    assert "tests.user_models:user_mlp" in refused.stderr and "--trust-code" in refused.stderr
+    assert not out.exists()
+    done = kompakt_cli(*args, "--trust-code")
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and "validation" in json.loads(out.with_name("m.onnx.json").read_text())
