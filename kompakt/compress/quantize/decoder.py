@@ -459,6 +459,7 @@ def quantize_checkpoint(
     hf_config = AutoConfig.from_pretrained(str(folder))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
+        model.tie_weights()  # transformers 5.0 builds the LM head untied from a config
     if not is_decoder_lm(model):
         raise KompaktError(f"{folder}: {type(model).__name__} is not a Llama-family decoder model")
     files = _checkpoint_files(folder)
