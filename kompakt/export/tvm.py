@@ -173,14 +173,27 @@ def _lower(kind: str, tensors: int, vector: dict[str, Any]):
     return convert
 
 
+def _select(node, importer):
+    """``x.select(dim, index)`` (``x[:, -1]``) as a ``take`` that wraps negative indices. TVM
+    0.27's own converter takes in its default mode, which reads out of bounds for a negative
+    index: a GRU classifier's last step came out as values of 1e37."""
+    from tvm import relax
+
+    x, dim, index = importer.env[node.args[0]], node.args[1], node.args[2]
+    index = relax.const(index, "int64")
+    return importer.block_builder.emit(relax.op.take(x, index, dim, mode="wrap"))
+
+
 def _convert_map(target: Target) -> dict[str, Any]:
-    """The kernels decode with AVX2's permute where the target's ``mattr`` lists ``+avx2``,
-    and multiply 16-lane vectors where it lists ``+avx512f`` (8 otherwise)."""
+    """The codebook kernels, and the converters that replace TVM's own where they are wrong.
+    The kernels decode with AVX2's permute where the target's ``mattr`` lists ``+avx2``, and
+    multiply 16-lane vectors where it lists ``+avx512f`` (8 otherwise)."""
     mattr = target.tvm.get("mattr", [])
     vector = {"permute": "+avx2" in mattr, "lanes": 16 if "+avx512f" in mattr else 8}
     return {
         "codebook_linear.default": _lower("linear", 7, vector),
         "codebook_rows.default": _lower("rows", 6, vector),
+        "select.int": _select,
     }
 
 

@@ -20,7 +20,8 @@ from kompakt.models.registry import build, register
 from kompakt.runtime import runner
 from kompakt.runtime.tensorfile import read_tensors
 from kompakt.runtime.tvm import usable_cores
-from tests.export.test_onnx import _boosted_cnn, _coded_cnn, _images, _pruned_cnn
+from tests import user_models
+from tests.export.test_onnx import _boosted_cnn, _coded_cnn, _images, _parity, _pruned_cnn
 from tests.models import tiny_cnn, tiny_llama
 
 
@@ -77,6 +78,25 @@ def test_host_parity_cnns(make, tmp_path):
     assert report["params"]["bytes_by_dtype"]["float32"] == 4 * (
         dense - sum(3 * m.num_features for m in norms)
     )
+
+
+class _NegativeIndices(nn.Module):
+    def forward(self, x):
+        return x[:, -1] + x[-1, 0]  # the last step; the last sample's first step (dynamic dim)
+
+
+def test_negative_index_selects_match_torch(tmp_path):
+    _host_parity(_NegativeIndices(), torch.randn(2, 5, 3), torch.randn(4, 5, 3), tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", sorted(user_models.INPUTS))
+def test_users_coded_models_run_in_tvm_and_onnxruntime_like_torch(name, tmp_path):
+    model, make = user_models.build(name)
+    quantize.jlcm(model, quantize.JLCMConfig(bits=3, steps=5), [make(32)], progress=False)
+    assert any(isinstance(m, CodedLayer) for m in model.modules())
+    _host_parity(model, make(2), make(5), tmp_path / "bundle")
+    _no_dense_coded_weights(model, tmp_path / "bundle")
+    _parity(model, make(2), make(5), tmp_path / "m.onnx")
 
 
 def test_pruned_bundle_is_smaller(tmp_path):
