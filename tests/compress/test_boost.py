@@ -10,6 +10,7 @@ from kompakt import artifact
 from kompakt.compress import boost
 from kompakt.errors import KompaktError
 from kompakt.pipeline import run_pipeline
+from tests import user_models
 from tests.models import tiny_cnn
 from tests.test_cli import kompakt_cli
 
@@ -267,6 +268,31 @@ def test_save_load_round_trip_of_a_boosted_backbone_is_exact(tmp_path):
         loaded.fc = loaded.fc.truncate(4)  # switching units off works on the loaded layer
         model.fc = model.fc.truncate(4)
         assert torch.equal(loaded(images), model(images))
+
+
+@pytest.mark.parametrize(
+    "name, head, classes",
+    [("user_mlp", "head", 4), ("gru_classifier", "head", 3), ("sequential", "2", 4)],
+)
+def test_a_users_classifier_gets_a_boosted_head_and_saves_with_its_factory(
+    tmp_path, name, head, classes
+):
+    model, make = user_models.build(name)
+    labels = torch.randint(0, classes, (240,), generator=torch.Generator().manual_seed(0))
+    inputs, test_inputs = make(240), make(60)
+    config = boost.BoostHeadConfig(head=head, units_per_step=4, steps=3)
+    boost.boost_classifier_head(
+        model, (inputs, labels), (test_inputs, labels[:60]), config, progress=False
+    )
+    assert isinstance(model.get_submodule(head), boost.BoostedHead)
+    features = boost.head_features(model, head, test_inputs, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(test_inputs), model.get_submodule(head)(features))
+    kompakt.save(model, tmp_path / "b", factory=getattr(user_models, name))
+    loaded = kompakt.load(tmp_path / "b", trust_code=True)
+    x = make(7)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 def test_replace_head_refuses_a_head_of_other_widths():
