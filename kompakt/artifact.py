@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kompakt.errors import KompaktError
+from kompakt.registry import Registry
 
 FORMAT = "kompakt-artifact"
 FORMAT_VERSION = 1
@@ -65,7 +66,7 @@ class Record:
 # --- plan steps: structural changes recorded by compressors, replayed on load -------------
 
 PlanHandler = Callable[[nn.Module, dict[str, Any]], None]
-_PLAN_HANDLERS: dict[str, PlanHandler] = {}
+PLAN_STEPS: Registry[PlanHandler] = Registry("plan step kind")
 PLAN_MODULES = {
     "prune": "kompakt.compress.prune.subnet",
     "erase": "kompakt.compress.prune.erase",
@@ -77,14 +78,7 @@ PLAN_MODULES = {
 
 def plan_step(kind: str) -> Callable[[PlanHandler], PlanHandler]:
     """Register the function that replays plan entries of ``kind`` on a freshly built model."""
-
-    def register(fn: PlanHandler) -> PlanHandler:
-        if kind in _PLAN_HANDLERS:
-            raise ValueError(f"plan step kind {kind!r} is registered twice")
-        _PLAN_HANDLERS[kind] = fn
-        return fn
-
-    return register
+    return PLAN_STEPS.register(kind)
 
 
 # --- records ------------------------------------------------------------------------------
@@ -499,15 +493,15 @@ def load(
     read_weights_header(root / WEIGHTS_FILE)
     model = build_base(manifest["source"], where, trust_code=trust_code, factory=factory)
     for i, entry in enumerate(manifest["plan"]):
-        if entry.get("kind") in PLAN_MODULES and entry["kind"] not in _PLAN_HANDLERS:
-            importlib.import_module(PLAN_MODULES[entry["kind"]])
-        handler = _PLAN_HANDLERS.get(entry.get("kind"))
-        if handler is None:
+        kind = entry.get("kind")
+        if kind in PLAN_MODULES and kind not in PLAN_STEPS:
+            importlib.import_module(PLAN_MODULES[kind])
+        if kind not in PLAN_STEPS:
             raise KompaktError(
-                f"{where}: plan[{i}] has kind {entry.get('kind')!r}, which this kompakt cannot "
-                f"replay (known: {', '.join(sorted(_PLAN_HANDLERS)) or 'none'})"
+                f"{where}: plan[{i}] has kind {kind!r}, which this kompakt cannot "
+                f"replay (known: {', '.join(PLAN_STEPS.names()) or 'none'})"
             )
-        handler(model, entry)
+        PLAN_STEPS.get(kind)(model, entry)
     try:
         tensors = load_file(str(root / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises its own error types

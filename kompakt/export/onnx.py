@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,18 +32,18 @@ from torch import nn
 
 from kompakt.compress.quantize.layers import CodedLayer
 from kompakt.errors import KompaktError
-from kompakt.export.codebook_ops import fused_copy
-from kompakt.export.onnx_codebook import translation_table
-from kompakt.export.onnx_scan import stack_layers
-from kompakt.export.tracing import (
+from kompakt.export.base import (
+    EXPORTERS,
     Outputs,
-    as_tuple,
+    atomic_output,
     dynamic_shapes,
-    input_names,
-    is_language_model,
+    prepare,
     validate,
     validation_inputs,
 )
+from kompakt.export.codebook_ops import fused_copy
+from kompakt.export.onnx_codebook import translation_table
+from kompakt.export.onnx_scan import stack_layers
 from kompakt.runtime.ort import NO_FOLDING_KEY, create_session
 
 
@@ -115,6 +114,7 @@ def _write_mobile(path: Path, no_folding: bool) -> tuple[Path, Path]:
     return ort_path, config
 
 
+@EXPORTERS.register("onnx")
 def export_onnx(
     model_or_artifact: nn.Module | str | os.PathLike[str],
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -124,24 +124,23 @@ def export_onnx(
     tolerance: float = 1e-4,
     mobile: bool = False,
     overwrite: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Export, check and validate; writes ``path`` only if valid. Returns the report."""
     import onnx
 
     import kompakt
 
-    model = model_or_artifact
-    if not isinstance(model, nn.Module):
-        model = kompakt.load(model_or_artifact)
-    model.eval()
+    job = prepare(
+        model_or_artifact,
+        example_inputs,
+        path,
+        dynamic=dynamic,
+        overwrite=overwrite,
+        trust_code=trust_code,
+    )
+    model, inputs, names, language_model = job.model, job.inputs, job.names, job.language_model
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise KompaktError(
-            f"{path}: already exists; pass overwrite=True (--overwrite) or choose another path"
-        )
-    inputs = as_tuple(example_inputs, dynamic)
-    names = input_names(inputs)
-    language_model = is_language_model(model)
     wrapper = Outputs(model, language_model).eval()
     has_codes = any(isinstance(m, CodedLayer) for m in model.modules())
     traced, stacked = model, 0
@@ -149,8 +148,7 @@ def export_onnx(
         traced = fused_copy(model)[0]
         stacked = stack_layers(traced)
     output_names = ["logits" if language_model else "output"]
-    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
-        tmp_path = Path(tmp) / path.name
+    with atomic_output(path) as tmp_path:
         try:
             torch.onnx.export(
                 Outputs(traced, language_model).eval(),
@@ -166,7 +164,7 @@ def export_onnx(
             )
         except Exception as e:  # the exporter raises many types; name the model and the cause
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise KompaktError(f"ONNX export of {type(model).__name__} failed: {first}") from e
+            raise KompaktError(f"ONNX export of {job.label} failed: {first}") from e
         # onnxruntime's basic optimizations, offline: the exporter's graph has about twice
         # the nodes, and a session spends about 4 KB on each node it loads. ConstantFolding
         # stays off for every model: folding the transpose of a tied embedding's table would
@@ -182,7 +180,7 @@ def export_onnx(
             wrapper,
             validation_inputs(inputs, dynamic),
             tolerance,
-            f"ONNX export of {type(model).__name__}: onnxruntime",
+            f"ONNX export of {job.label}: onnxruntime",
         )
         for (
             node
@@ -198,8 +196,6 @@ def export_onnx(
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(proto, str(tmp_path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_path, path)
     report = {
         "path": str(path),
         "file_bytes": path.stat().st_size,

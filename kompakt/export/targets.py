@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kompakt.errors import KompaktError
+from kompakt.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +46,11 @@ class Target:
         return cc.cross_compiler(self.cross_compiler)
 
 
-TARGETS: dict[str, Target] = {}
+TARGETS: Registry[Target] = Registry("TVM target")
 
 
 def register(target: Target) -> Target:
-    if target.name in TARGETS:
-        raise ValueError(f"TVM target {target.name!r} is registered twice")
-    TARGETS[target.name] = target
-    return target
+    return TARGETS.add(target.name, target)
 
 
 _X86_FEATURES = {
@@ -120,11 +118,11 @@ def resolve(target: str | dict[str, Any]) -> Target:
     if isinstance(target, str) and target == "host":
         return _host()
     if isinstance(target, str) and target in TARGETS:
-        return TARGETS[target]
+        return TARGETS.get(target)
     if isinstance(target, str):
         if not target.lstrip().startswith("{"):
             raise KompaktError(
-                f"unknown TVM target {target!r}; use one of host, {', '.join(TARGETS)}, "
+                f"unknown TVM target {target!r}; use one of host, {', '.join(TARGETS.names())}, "
                 'or a TVM JSON target such as \'{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}\''
             )
         try:
@@ -143,9 +141,9 @@ def resolve(target: str | dict[str, Any]) -> Target:
     if target["kind"] == "llvm" and not triple:
         return Target("custom", target, runs_on_host=True, link_note="host shared library")
     if triple.startswith("aarch64") and "android" in triple:
-        return dataclasses.replace(TARGETS["aarch64-linux-android"], name="custom", tvm=target)
+        return dataclasses.replace(TARGETS.get("aarch64-linux-android"), name="custom", tvm=target)
     if triple.startswith("aarch64-linux-gnu"):
-        return dataclasses.replace(TARGETS["aarch64-linux-gnu"], name="custom", tvm=target)
+        return dataclasses.replace(TARGETS.get("aarch64-linux-gnu"), name="custom", tvm=target)
     return Target(
         "custom", target, library="model.tar", link_note="an archive of object files to link"
     )

@@ -28,8 +28,6 @@ import datetime
 import functools
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -40,17 +38,17 @@ import torch
 from torch import nn
 
 from kompakt.errors import KompaktError
-from kompakt.export.codebook_ops import frozen, fused_copy
-from kompakt.export.targets import Target, resolve
-from kompakt.export.tracing import (
+from kompakt.export.base import (
+    EXPORTERS,
     Outputs,
-    as_tuple,
+    atomic_output,
     dynamic_shapes,
-    input_names,
-    is_language_model,
+    prepare,
     validate,
     validation_inputs,
 )
+from kompakt.export.codebook_ops import frozen, fused_copy
+from kompakt.export.targets import Target, resolve
 from kompakt.export.tvm_tuning import tuned
 from kompakt.runtime.tvm import BUNDLE_FORMAT, MANIFEST, PARAMS
 
@@ -276,6 +274,7 @@ def _runner(bundle: Path, target: Target, names: list[str]):
     return None, f"the host cannot run {target.name} bundles"
 
 
+@EXPORTERS.register("tvm")
 def export_tvm(
     model_or_artifact: nn.Module | str | os.PathLike[str],
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -287,6 +286,7 @@ def export_tvm(
     tune: int = 0,
     tune_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Compile ``model_or_artifact`` for ``target`` into the bundle ``out_dir``; returns the
     report (also the bundle's ``manifest.json``). ``tune`` > 0: MetaSchedule tuning with that
@@ -295,39 +295,33 @@ def export_tvm(
     import kompakt
     from kompakt.runtime.tensorfile import write_tensors
 
-    model = model_or_artifact
-    source = None
-    if not isinstance(model, nn.Module):
-        source = str(model_or_artifact)
-        model = kompakt.load(model_or_artifact)
-    model.eval()
-    label = type(model).__name__
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise KompaktError(
-            f"{out_dir}: already exists; pass overwrite=True (--overwrite) or choose another path"
-        )
     spec = resolve(target)
     if tune and not spec.runs_on_host:
         raise KompaktError(
             f"tuning measures candidates on this machine, which cannot run {spec.name} code; "
             "tune with target='host' or export untuned (tune=0)"
         )
+    dynamic = dynamic and not tune
+    job = prepare(
+        model_or_artifact,
+        example_inputs,
+        out_dir,
+        dynamic=dynamic,
+        overwrite=overwrite,
+        trust_code=trust_code,
+    )
+    model, label, inputs, names = job.model, job.label, job.inputs, job.names
+    language_model = job.language_model
+    out_dir = Path(out_dir)
     if tune:
-        dynamic = False
         tune_dir = Path(tune_dir) if tune_dir else out_dir.parent / f"{out_dir.name}-tuning"
         tune_dir.mkdir(parents=True, exist_ok=True)
-    inputs = as_tuple(example_inputs, dynamic)
-    names = input_names(inputs)
-    language_model = is_language_model(model)
     prepared, coded, folded = _prepared(model)
     start = time.perf_counter()
     mod, params = _to_relax(Outputs(prepared, language_model).eval(), inputs, dynamic, spec, label)
     executable = _compile(mod, spec, tune, tune_dir, label)
     compile_seconds = time.perf_counter() - start
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
-        bundle = Path(tmp) / "bundle"
+    with atomic_output(out_dir) as bundle:
         bundle.mkdir()
         executable.export_library(str(bundle / spec.library), fcompile=spec.fcompile())
         write_tensors(bundle / PARAMS, params)
@@ -342,7 +336,7 @@ def export_tvm(
             "version": 1,
             "kompakt_version": kompakt.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": source or label,
+            "source": job.source or label,
             "target": {"name": spec.name, "tvm": spec.tvm},
             "library": spec.library,
             "link": spec.link_note,
@@ -374,7 +368,4 @@ def export_tvm(
             reference = Outputs(model, language_model).eval()
             manifest["validation"] = validate(run, reference, cases, tolerance, who)
         (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(bundle, out_dir)
     return {"path": str(out_dir), **manifest}

@@ -13,33 +13,25 @@ from torch import nn
 
 from kompakt.artifact import Record, attach_record
 from kompakt.errors import KompaktError
+from kompakt.registry import Registry
 
 Factory = Callable[..., nn.Module]
-_FACTORIES: dict[str, Factory] = {}
+MODELS: Registry[Factory] = Registry("model")
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
     """Register ``factory(**kwargs) -> nn.Module`` under ``name``."""
-
-    def add(factory: Factory) -> Factory:
-        if name in _FACTORIES:
-            raise ValueError(f"model {name!r} is registered twice")
-        _FACTORIES[name] = factory
-        return factory
-
-    return add
+    return MODELS.register(name)
 
 
 def names() -> list[str]:
     """Names of the registered architectures."""
-    return sorted(_FACTORIES)
+    return MODELS.names()
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
     """Build registered architecture ``name`` with ``kwargs`` (fresh weights)."""
-    factory = _FACTORIES.get(name)
-    if factory is None:
-        raise KompaktError(f"unknown model {name!r}; registered models: {', '.join(names())}")
+    factory = MODELS.get(name)
     try:
         model = factory(**kwargs)
     except TypeError as e:

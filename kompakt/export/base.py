@@ -1,16 +1,95 @@
-"""Tracing shared by the exporters: the wrapper that returns plain tensors, example inputs
-with a batch of at least 2, dynamic axes, the extra validation shapes, and the error measure.
+"""What every exporter shares: the registry of exporters by name, the preamble (the model
+from memory or an artifact, the output refused if it exists, the example inputs as traced),
+the wrapper that returns plain tensors, dynamic axes, validation on shapes other than the
+traced ones, and the atomic write of what passed it.
+
+An exporter is a function ``export(model_or_artifact, example_inputs, out, **options) ->
+report`` registered with ``@EXPORTERS.register(name)`` in the module that defines it; adding
+a target is one module that calls :func:`prepare`, :func:`validate` and
+:func:`atomic_output`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from kompakt.errors import KompaktError
+from kompakt.registry import Registry
+
+EXPORTERS: Registry[Callable[..., dict[str, Any]]] = Registry("export target")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """An exporter's starting point, from :func:`prepare`."""
+
+    model: nn.Module  # in eval mode
+    source: str | None  # the artifact it was loaded from, if any
+    label: str  # its class name, for messages
+    inputs: tuple[torch.Tensor, ...]  # as traced: a batch of at least 2 when dynamic
+    names: list[str]  # the exported inputs' names
+    language_model: bool  # traced for its logits, with an all-ones attention mask
+
+
+def prepare(
+    model_or_artifact: nn.Module | str | os.PathLike[str],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    out: str | os.PathLike[str],
+    *,
+    dynamic: bool,
+    overwrite: bool,
+    trust_code: bool = False,
+) -> Prepared:
+    """The model (an artifact is loaded as :func:`kompakt.load` does, ``trust_code``
+    included), its example inputs, and ``out`` refused if it exists unless ``overwrite``."""
+    import kompakt
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise KompaktError(
+            f"{out}: already exists; pass overwrite=True (--overwrite) or choose another path"
+        )
+    model, source = model_or_artifact, None
+    if not isinstance(model, nn.Module):
+        source = str(model_or_artifact)
+        model = kompakt.load(model_or_artifact, trust_code=trust_code)
+    model.eval()
+    inputs = as_tuple(example_inputs, dynamic)
+    return Prepared(
+        model, source, type(model).__name__, inputs, input_names(inputs), is_language_model(model)
+    )
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A path to write ``path``'s new content to (a file or a directory), in a temporary
+    folder beside it; when the block finishes it replaces ``path`` in one rename. If the block
+    fails, nothing is left: not the temporary folder, not a parent folder made for it."""
+    path = Path(path)
+    made = [p for p in path.parents if not p.exists()]  # innermost first
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-") as tmp:
+            staged = Path(tmp) / path.name
+            yield staged
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            os.replace(staged, path)
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 class Outputs(nn.Module):
