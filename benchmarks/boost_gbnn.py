@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from torch import nn
 import kompakt
 from kompakt.compress import boost
 from kompakt.data import fashion_mnist
+from kompakt.eval import latency_ms
 from kompakt.models import build
 from kompakt.train import TrainConfig, train_classifier
 
@@ -232,19 +232,6 @@ def cnn_features(args):
     return model, source, fc_accuracy, (f_train, train_y), (f_test, test_y)
 
 
-def latency_us(module, x, repeats):
-    """Median wall time of one forward pass, in microseconds."""
-    times = []
-    with torch.no_grad():
-        for _ in range(10):
-            module(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
 def keep_first_units(net, units):
     """The whole-trained network with only its first ``units`` hidden units (bias unchanged)."""
     cut = nn.Sequential(
@@ -312,8 +299,8 @@ def fashion(args, emit):
             units=kept,
             metric="accuracy",
             value=score(cut, x_test, y_test, "classification"),
-            latency_us_batch1=latency_us(cut, x_test[:1], args.repeats),
-            latency_us_batch1000=latency_us(cut, x_test[:1000], args.repeats),
+            latency_us_batch1=1000 * latency_ms(cut, x_test[:1], args.repeats, warmup=10),
+            latency_us_batch1000=1000 * latency_ms(cut, x_test[:1000], args.repeats, warmup=10),
         )
         emit(
             part="fashion-units",
@@ -329,7 +316,7 @@ def fashion(args, emit):
         method="cnn-backbone",
         units=0,
         metric="latency_us_batch1",
-        value=latency_us(model, fashion_mnist("test")[0][:1], args.repeats),
+        value=1000 * latency_ms(model, fashion_mnist("test")[0][:1], args.repeats, warmup=10),
     )
 
 

@@ -33,7 +33,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from torch import nn
 
 import kompakt
 from kompakt import export
+from kompakt.eval import latency_ms
 from kompakt.export.targets import resolve
 from kompakt.runtime import runner
 from kompakt.runtime.bench import bench, peak_rss_bytes
@@ -70,22 +70,10 @@ class Identity(nn.Module):
         return x + 0
 
 
-def torch_latency(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def torch_child(artifact: str, repeats: int) -> None:
     """Fresh-process torch eager measurement of a CNN artifact (prints one JSON line)."""
     model = kompakt.load(artifact).eval()
-    latency = {b: torch_latency(model, torch.randn(b, 1, 28, 28), repeats) for b in BATCHES}
+    latency = {b: latency_ms(model, torch.randn(b, 1, 28, 28), repeats, warmup=3) for b in BATCHES}
     print(json.dumps({"latency": latency, "peak_rss_bytes": peak_rss_bytes()}))
 
 
@@ -122,7 +110,9 @@ def measure(label, model, example, work: Path, args, tune: bool, artifact: str |
     name = label.replace(" ", "-")
     # torch eager
     entry = {
-        b: torch_latency(model, example[:1].repeat(b, *[1] * (example.dim() - 1)), args.repeats)
+        b: latency_ms(
+            model, example[:1].repeat(b, *[1] * (example.dim() - 1)), args.repeats, warmup=3
+        )
         for b in BATCHES
     }
     row = {**base, "runtime": "torch eager", "latency_ms": entry, "peak_rss_mb": None}

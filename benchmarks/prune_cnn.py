@@ -31,7 +31,6 @@ import copy
 import dataclasses
 import json
 import platform
-import statistics
 import sys
 import time
 from datetime import date
@@ -42,25 +41,12 @@ import torch
 from kompakt.compress.prune import count_flops, count_params
 from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
 from kompakt.data import fashion_mnist
+from kompakt.eval import accuracy, latency_ms
 from kompakt.models import build
-from kompakt.train import SCHEDULES, TrainConfig, accuracy, train_classifier
+from kompakt.train import SCHEDULES, TrainConfig, train_classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hesso_baseline import hesso_subnet  # noqa: E402
-
-
-def latency_ms(model: torch.nn.Module, batch: int, repeats: int = 30) -> float:
-    x = torch.randn(batch, 1, 28, 28)
-    model.eval()
-    with torch.no_grad():
-        for _ in range(5):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def measure(name: str, model: torch.nn.Module, test, seconds: float, **extra) -> dict:
@@ -70,8 +56,8 @@ def measure(name: str, model: torch.nn.Module, test, seconds: float, **extra) ->
         "top1": accuracy(model, *test),
         "flops": count_flops(model, example),
         "params": count_params(model),
-        "latency_b1_ms": latency_ms(model, 1),
-        "latency_b64_ms": latency_ms(model, 64),
+        "latency_b1_ms": latency_ms(model, torch.randn(1, 1, 28, 28)),
+        "latency_b64_ms": latency_ms(model, torch.randn(64, 1, 28, 28)),
         "train_seconds": seconds,
         **extra,
     }

@@ -17,15 +17,15 @@ import torch
 from prune_cnn import (
     add_common_args,
     caption,
-    latency_ms,
     prepare,
     record,
 )  # run as a script: prune_cnn.py sits beside it
 
 from kompakt.compress.prune import count_flops, count_params
 from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
+from kompakt.eval import accuracy, latency_ms
 from kompakt.models import build
-from kompakt.train import TrainConfig, accuracy, train_classifier
+from kompakt.train import TrainConfig, train_classifier
 
 BLOCKS = 4
 
@@ -52,8 +52,8 @@ def main() -> None:
             "top1": accuracy(model, *test),
             "flops": count_flops(model, example),
             "params": count_params(model),
-            "latency_b1_ms": latency_ms(model, 1),
-            "latency_b64_ms": latency_ms(model, 64),
+            "latency_b1_ms": latency_ms(model, torch.randn(1, 1, 28, 28)),
+            "latency_b64_ms": latency_ms(model, torch.randn(64, 1, 28, 28)),
             "train_seconds": seconds,
             **extra,
         }

@@ -25,8 +25,8 @@ import torch
 import kompakt
 from kompakt.compress.quantize import QuantizeConfig, quantize
 from kompakt.data import fashion_mnist
+from kompakt.eval import accuracy
 from kompakt.pipeline import stored_bytes
-from kompakt.train import accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 

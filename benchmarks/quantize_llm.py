@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from kompakt.compress.quantize import QuantizeConfig
+from kompakt.eval import perplexity
 from kompakt.runtime.bench import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,22 +69,6 @@ def prepare(work: Path, windows: int, calib: int) -> None:
     test = wikitext2_windows(tokenizer, "test", 512, windows)
     valid = wikitext2_windows(tokenizer, "valid", 512, calib)
     save_file({"test": test, "valid": valid}, str(work / "windows.safetensors"))
-
-
-def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch: int = 2) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids), batch):
-            part = ids[start : start + batch]
-            logits = model(part, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                part[:, 1:].reshape(-1),
-                reduction="sum",
-            )
-            total += float(loss)
-            count += part[:, 1:].numel()
-    return math.exp(total / count)
 
 
 def one_run(work: Path, method: str, bits: float, args: argparse.Namespace) -> dict:

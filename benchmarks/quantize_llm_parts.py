@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kompakt.eval import perplexity
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_llm import RESULTS, perplexity  # noqa: E402
+from quantize_llm import RESULTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

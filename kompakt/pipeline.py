@@ -24,7 +24,8 @@ from kompakt.compress.prune.classifier import PruneConfig, prune_classifier
 from kompakt.compress.quantize import QuantizeConfig, quantize
 from kompakt.config import check, from_mapping, to_dict
 from kompakt.errors import KompaktError
-from kompakt.train import TrainConfig, accuracy, train_classifier
+from kompakt.eval import accuracy
+from kompakt.train import TrainConfig, train_classifier
 
 RECIPE_FIELDS = ("out", "seed", "model", "data", "stages")
 DATASETS = ("fashion-mnist",)

@@ -100,22 +100,6 @@ def train_classifier(
     return {"train_loss": mean_loss}
 
 
-@torch.no_grad()
-def accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 100
-) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on ``images``."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        correct += (
-            (model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
-        )
-    model.train(was_training)
-    return correct / len(images)
-
-
 def check_schedule(schedule: str) -> None:
     """Refuse a learning-rate schedule that is not one of :data:`SCHEDULES`."""
     check(schedule in SCHEDULES, f"schedule must be onecycle or cosine, got {schedule!r}")

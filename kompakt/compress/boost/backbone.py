@@ -20,6 +20,7 @@ from kompakt.compress.boost.gbnn import GBNN, GBNNConfig
 from kompakt.compress.boost.head import BoostedHead
 from kompakt.config import check, to_dict
 from kompakt.errors import KompaktError
+from kompakt.eval import accuracy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +112,6 @@ def replace_head(model: nn.Module, head: str, new: BoostedHead) -> None:
     record.plan.append(new.plan_entry(head))
 
 
-def _accuracy(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (head(features).argmax(-1) == labels).float().mean().item()
-
-
 def boost_classifier_head(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -138,10 +134,10 @@ def boost_classifier_head(
         replace_head(model, config.head, new)
         steps = new.units // config.units_per_step
         metrics.update(
-            test_accuracy_before=_accuracy(old, test_features, test[1]),
+            test_accuracy_before=accuracy(old, test_features, test[1]),
             steps=steps,
             units=new.units,
-            test_accuracy=_accuracy(new, test_features, test[1]),
+            test_accuracy=accuracy(new, test_features, test[1]),
             train_loss=gbnn.history["train_loss"][steps - 1],
         )
         if gbnn.history["val_loss"]:
@@ -149,7 +145,7 @@ def boost_classifier_head(
         if steps >= 2:
             half = new.truncate(steps // 2 * config.units_per_step)
             metrics["half_units"] = half.units
-            metrics["test_accuracy_half"] = _accuracy(half, test_features, test[1])
+            metrics["test_accuracy_half"] = accuracy(half, test_features, test[1])
     return metrics
 
 

@@ -13,7 +13,8 @@ from kompakt import artifact
 from kompakt.compress.prune.erase import ErasedBranch
 from kompakt.compress.prune.oto import OTO, count_flops, count_params
 from kompakt.config import check, to_dict
-from kompakt.train import TrainConfig, accuracy, check_schedule, train_classifier
+from kompakt.eval import accuracy
+from kompakt.train import TrainConfig, check_schedule, train_classifier
 
 
 @dataclasses.dataclass(frozen=True)
