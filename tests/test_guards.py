@@ -30,10 +30,31 @@ def test_import_kompakt_does_not_import_export_backends():
     assert result.stdout.strip() == ""
 
 
-def test_runtime_does_not_import_compress():
-    for path in (PACKAGE / "runtime").rglob("*.py"):
-        offending = {m for m in imported_modules(path) if m.startswith("kompakt.compress")}
-        assert not offending, f"{path} imports {offending}"
+# each package, and what none of its modules may import, even inside a function
+FORBIDDEN = {
+    "runtime": ("kompakt.compress", "kompakt.export", "torch", "transformers"),
+    "compress": ("kompakt.export", "kompakt.runtime"),
+}
+
+
+def forbidden_imports(package: Path, prefixes: tuple[str, ...]) -> list[str]:
+    return [
+        f"{path.relative_to(package.parent)} imports {m}"
+        for path in sorted(package.rglob("*.py"))
+        for m in sorted(imported_modules(path))
+        if any(m == p or m.startswith(p + ".") for p in prefixes)
+    ]
+
+
+def test_import_direction():
+    found = [f for name, bad in FORBIDDEN.items() for f in forbidden_imports(PACKAGE / name, bad)]
+    assert found == []
+
+
+def test_the_import_direction_guard_catches_a_lazy_import(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("def f():\n    from torch import nn\n    import os\n")
+    assert forbidden_imports(tmp_path / "pkg", ("torch",)) == ["pkg/m.py imports torch"]
 
 
 def unsafe_loading(path: Path) -> list[str]:
