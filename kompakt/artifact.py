@@ -54,13 +54,17 @@ class Record:
     gets ``{"kind": "module", "class"}``: it can be compressed and exported as it is, and is
     saved once :func:`save` is told its factory.
     ``plan`` lists the structural changes applied to the base, in order; each entry has a
-    ``kind`` handled by a function registered with :func:`plan_step`.
+    ``kind`` handled by a function registered with :func:`plan_step`. ``inputs``: what the
+    model takes, as :func:`input_specs` describes it, when known (a registered architecture
+    declares it; the first recorded step that saw data notes it), so that exporting an
+    artifact needs no guess.
     """
 
     source: dict[str, Any]
     source_sha256: str | None = None
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     plan: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    inputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 # --- plan steps: structural changes recorded by compressors, replayed on load -------------
@@ -187,16 +191,40 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def input_specs(example: Any) -> list[dict[str, Any]]:
+    """What a model takes, from example inputs (a tensor, a tuple or list of tensors, or a
+    dict of keyword tensors): each tensor's name, dtype and shape, the first (batch) axis
+    left open as ``None``."""
+    if isinstance(example, torch.Tensor):
+        named = [("input", example)]
+    elif isinstance(example, dict):
+        named = list(example.items())
+    elif isinstance(example, tuple | list):
+        named = [(f"input_{i}", t) for i, t in enumerate(example)]
+    else:
+        named = []
+    return [
+        {"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": [None, *t.shape[1:]]}
+        for n, t in named
+        if isinstance(t, torch.Tensor) and t.dim() >= 1
+    ]
+
+
 @contextlib.contextmanager
-def step(model: nn.Module, method: str, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def step(
+    model: nn.Module, method: str, config: dict[str, Any], inputs: Any = None
+) -> Iterator[dict[str, Any]]:
     """Record one step applied to ``model``; the body fills the yielded metrics dict.
 
-    The source weights' sha256 is taken on entry to the first recorded step. The step is
-    appended only if the body finishes.
+    The source weights' sha256 is taken on entry to the first recorded step, and ``inputs``
+    (example inputs the step runs the model on) describe the model's inputs if nothing did
+    before. The step is appended only if the body finishes.
     """
     record = record_of(model)
     if record.source_sha256 is None:
         record.source_sha256 = weights_sha256(model)
+    if inputs is not None and not record.inputs:
+        record.inputs = input_specs(inputs)
     metrics: dict[str, Any] = {}
     yield metrics
     record.steps.append({"method": method, "config": config, "metrics": metrics})
@@ -316,6 +344,7 @@ def save(
         "source_sha256": record.source_sha256 or weights_sha256(model),
         "steps": record.steps,
         "plan": record.plan,
+        "inputs": record.inputs,
         "aliases": aliases,
         "layers": _layer_entries(model, tensors, aliases),
     }
@@ -526,5 +555,6 @@ def load(
         source_sha256=manifest["source_sha256"],
         steps=manifest["steps"],
         plan=manifest["plan"],
+        inputs=manifest.get("inputs", []),
     )
     return attach_record(model.eval(), record)

@@ -159,20 +159,30 @@ def _wikitext_calibration(tokenizer_folder, windows: int):
 
 
 def _example_input(args: argparse.Namespace, model):
+    """``--input-shape``, token ids for a language model, or the inputs the artifact
+    records (a registered architecture declares them; a compression step notes them)."""
     import torch
 
     import kompakt
 
+    generator = torch.Generator().manual_seed(0)
     if args.input_shape:
         shape = [int(d) for d in args.input_shape.split(",")]
         return torch.randn(shape)
     if hasattr(model, "lm_head"):
         vocab = model.config.vocab_size
-        return torch.randint(0, vocab, (2, args.seq), generator=torch.Generator().manual_seed(0))
-    if kompakt.artifact.record_of(model).source.get("name") == "fmnist_resnet":
-        return torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        return torch.randint(0, vocab, (2, args.seq), generator=generator)
+    specs = kompakt.artifact.record_of(model).inputs
+    if (
+        len(specs) == 1
+        and specs[0]["dtype"].startswith("float")
+        and None not in specs[0]["shape"][1:]
+    ):
+        return torch.randn([2, *specs[0]["shape"][1:]], generator=generator)
+    known = f"it records {specs}" if specs else "it records no input"
     raise KompaktError(
-        f"{args.artifact}: kompakt does not know this model's input; pass --input-shape, e.g. 2,3,224,224"
+        f"{args.artifact}: kompakt cannot make this model's example input ({known}); pass "
+        "--input-shape, e.g. 2,3,224,224"
     )
 
 

@@ -96,7 +96,7 @@ def _train(state: PipelineState, config: TrainConfig) -> None:
     images, labels = state.data("train")
     n = len(images) if config.limit is None else min(config.limit, len(images))
     state.log(f"[train] {config.epochs} epoch(s) on {n:,} {state.dataset} examples")
-    with artifact.step(state.model, "train", to_dict(config)) as metrics:
+    with artifact.step(state.model, "train", to_dict(config), inputs=images[:2]) as metrics:
         metrics.update(train_classifier(state.model, images, labels, config))
     state.log(f"[train] final epoch loss {metrics['train_loss']:.4f}")
 

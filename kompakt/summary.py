@@ -51,6 +51,7 @@ def inspect_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
     return {
         "source": manifest["source"].get("label"),
+        "inputs": manifest.get("inputs", []),
         "steps": manifest["steps"],
         "rows": rows,
         "totals": totals,
@@ -91,6 +92,9 @@ def format_inspection(info: dict[str, Any]) -> str:
 
     t = info["totals"]
     out = [f"source: {info['source']}"]
+    for spec in info["inputs"]:
+        dims = ", ".join("batch" if d is None else str(d) for d in spec["shape"])
+        out.append(f"input: {spec['name']} {spec['dtype']} [{dims}]")
     for i, step in enumerate(info["steps"], 1):
         metrics = ", ".join(f"{k} {_metric(k, v)}" for k, v in step["metrics"].items())
         out.append(f"step {i}: {step['method']}" + (f" ({metrics})" if metrics else ""))

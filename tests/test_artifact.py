@@ -266,3 +266,34 @@ def test_a_factory_defined_in_a_function_body_is_refused(tmp_path):
 
     with pytest.raises(KompaktError, match="function body"):
         kompakt.save(user_models.sequential(), tmp_path / "a", factory=inner)
+
+
+def test_the_inputs_a_model_takes_are_recorded_and_survive_save_and_load(tmp_path):
+    from kompakt.compress import quantize
+
+    # a registered architecture declares them
+    assert artifact.record_of(tiny_cnn()).inputs == [
+        {"name": "input", "dtype": "float32", "shape": [None, 1, 28, 28]}
+    ]
+    # a user's model gets them from the first step that runs it
+    model, make = user_models.build("gru_classifier")
+    assert artifact.record_of(model).inputs == []
+    quantize.quantize(
+        model, quantize.QuantizeConfig(method="rtn", bits=4, block=4), [make(8)], progress=False
+    )
+    expected = [{"name": "input", "dtype": "float32", "shape": [None, 5, 6]}]
+    assert artifact.record_of(model).inputs == expected
+    kompakt.save(model, tmp_path / "g", factory=user_models.gru_classifier)
+    assert json.loads((tmp_path / "g" / artifact.MANIFEST_FILE).read_text())["inputs"] == expected
+    assert artifact.record_of(kompakt.load(tmp_path / "g", trust_code=True)).inputs == expected
+
+
+def test_input_specs_describe_tensors_tuples_and_keyword_inputs():
+    ids = torch.zeros(2, 7, dtype=torch.int64)
+    assert artifact.input_specs({"input_ids": ids, "use_cache": False}) == [
+        {"name": "input_ids", "dtype": "int64", "shape": [None, 7]}
+    ]
+    assert [s["name"] for s in artifact.input_specs((torch.zeros(3, 4), ids))] == [
+        "input_0",
+        "input_1",
+    ]

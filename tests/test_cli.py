@@ -87,3 +87,25 @@ def test_export_of_a_factory_artifact_needs_trust_code(tmp_path):
     done = kompakt_cli(*args, "--trust-code")
     assert done.returncode == 0, done.stderr
     assert out.is_file() and "validation" in json.loads(out.with_name("m.onnx.json").read_text())
+
+
+def test_export_takes_the_example_input_the_artifact_records(tmp_path):
+    from kompakt.compress import quantize
+    from tests import user_models
+
+    model, make = user_models.build("user_cnn")
+    config = quantize.QuantizeConfig(method="rtn", bits=4, block=9)
+    quantize.quantize(model, config, [make(16)], progress=False)
+    kompakt.save(model, tmp_path / "q", factory=user_models.user_cnn)
+    done = kompakt_cli(
+        "export", "onnx", str(tmp_path / "q"), "--out", str(tmp_path / "q.onnx"), "--trust-code"
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "q.onnx.json").read_text())
+    assert report["inputs"][0]["traced_shape"] == [2, 3, 8, 8]
+    # a model whose artifact records no input needs --input-shape
+    kompakt.save(user_models.sequential(), tmp_path / "s", factory=user_models.sequential)
+    refused = kompakt_cli(
+        "export", "onnx", str(tmp_path / "s"), "--out", str(tmp_path / "s.onnx"), "--trust-code"
+    )
+    assert refused.returncode == 2 and "--input-shape" in refused.stderr

@@ -66,7 +66,9 @@ class FashionResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-@register("fmnist_resnet")
+@register(
+    "fmnist_resnet", inputs=[{"name": "input", "dtype": "float32", "shape": [None, 1, 28, 28]}]
+)
 def fmnist_resnet(
     widths: tuple[int, ...] | list[int] = (16, 32, 64),
     blocks_per_stage: int = 2,

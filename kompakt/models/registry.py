@@ -6,7 +6,8 @@ the record that lets :func:`kompakt.save` write the model and :func:`kompakt.loa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -16,12 +17,26 @@ from kompakt.errors import KompaktError
 from kompakt.registry import Registry
 
 Factory = Callable[..., nn.Module]
-MODELS: Registry[Factory] = Registry("model")
 
 
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Register ``factory(**kwargs) -> nn.Module`` under ``name``."""
-    return MODELS.register(name)
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    factory: Factory
+    inputs: tuple[dict[str, Any], ...]  # what the architecture takes (artifact.input_specs)
+
+
+MODELS: Registry[Entry] = Registry("model")
+
+
+def register(name: str, inputs: Sequence[dict[str, Any]] = ()) -> Callable[[Factory], Factory]:
+    """Register ``factory(**kwargs) -> nn.Module`` under ``name``; ``inputs`` describes what
+    the models it builds take (name, dtype, shape with ``None`` for the batch axis)."""
+
+    def add(factory: Factory) -> Factory:
+        MODELS.add(name, Entry(factory, tuple(inputs)))
+        return factory
+
+    return add
 
 
 def names() -> list[str]:
@@ -31,10 +46,11 @@ def names() -> list[str]:
 
 def build(name: str, **kwargs: Any) -> nn.Module:
     """Build registered architecture ``name`` with ``kwargs`` (fresh weights)."""
-    factory = MODELS.get(name)
+    entry = MODELS.get(name)
     try:
-        model = factory(**kwargs)
+        model = entry.factory(**kwargs)
     except TypeError as e:
         raise KompaktError(f"model {name!r}: {e}") from e
     source = {"kind": "registry", "name": name, "kwargs": kwargs, "label": name}
-    return attach_record(model, Record(source=source))
+    inputs = [dict(spec) for spec in entry.inputs]
+    return attach_record(model, Record(source=source, inputs=inputs))

@@ -125,7 +125,7 @@ def boost_classifier_head(
     inputs, labels = train
     if config.limit is not None:
         inputs, labels = inputs[: config.limit], labels[: config.limit]
-    with artifact.step(model, "boost", to_dict(config)) as metrics:
+    with artifact.step(model, "boost", to_dict(config), inputs=inputs[:2]) as metrics:
         old = _module(model, config.head)
         train_features = head_features(model, config.head, inputs, progress=progress)
         test_features = head_features(model, config.head, test[0], progress=progress)

@@ -112,7 +112,8 @@ def prune_classifier(
     if test is not None:
         metrics["test_accuracy_before"] = accuracy(model, *test)
     method = "dhspg" if config.mode == "prune" else "h2spg"
-    with artifact.step(model, "prune", {"method": method, **to_dict(config)}) as recorded:
+    step_config = {"method": method, **to_dict(config)}
+    with artifact.step(model, "prune", step_config, inputs=example) as recorded:
         metrics.update(
             train_classifier(model, images, labels, train, progress, optimizer=optimizer)
         )

@@ -249,10 +249,10 @@ class OTO:
         small, branches, kept = self._without(self.zeroed_groups())
         if check:
             self._check_same(small, atol)
-        try:
-            record = copy.deepcopy(artifact.record_of(self.model))
-        except KompaktError:  # an architecture kompakt cannot rebuild: usable, not saveable
-            return small
+        record = copy.deepcopy(artifact.record_of(self.model))
+        if not record.inputs:
+            args, kwargs = call_arguments(self.model, self.example_inputs)
+            record.inputs = artifact.input_specs(args or kwargs)
         if branches:
             record.plan.append({"kind": "erase", "branches": branches})
         record.plan.append(

@@ -65,14 +65,15 @@ def quantize(
         raise KompaktError(
             f"{type(model).__name__} has no Linear, Conv2d or Embedding layer to quantize"
         )
-    with artifact.step(model, config.method, to_dict(config)) as metrics:
+    batches = [calibration] if decoder_lm else as_batches(calibration)
+    with artifact.step(model, config.method, to_dict(config), inputs=batches[0]) as metrics:
         t0 = time.perf_counter()
         if decoder_lm:
             reports = quantize_decoder(
                 model, config, calibration, work_dir=work_dir, progress=progress
             )
         else:
-            reports = quantize_layers(model, layers, as_batches(calibration), config, progress)
+            reports = quantize_layers(model, layers, batches, config, progress)
             record = artifact.record_of(model)
             record.plan.extend(model.get_submodule(n).plan_entry(n) for n in reports)
         metrics.update(summarize(model, reports, time.perf_counter() - t0))

@@ -475,7 +475,7 @@ def quantize_checkpoint(
 
     record = artifact.record_of(model)
     record.source_sha256 = _file_sha256(list(files.values()))
-    with artifact.step(model, config.method, to_dict(config)) as metrics:
+    with artifact.step(model, config.method, to_dict(config), inputs=calibration[:2]) as metrics:
         t0 = time.perf_counter()
         reports = quantize_decoder(
             model,
