@@ -105,7 +105,11 @@ class Outputs(nn.Module):
             mask = torch.ones_like(inputs[0])
             return self.model(*inputs, attention_mask=mask, use_cache=False).logits
         out = self.model(*inputs)
-        return getattr(out, "logits", out)
+        if hasattr(out, "logits"):
+            return out.logits
+        if hasattr(out, "to_tuple"):  # a transformers output without logits: its first field
+            return out.to_tuple()[0]  # (an encoder's last_hidden_state)
+        return out
 
 
 def is_language_model(model: nn.Module) -> bool:

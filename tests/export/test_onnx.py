@@ -256,3 +256,18 @@ def test_odd_code_widths_and_row_groups_decode_exactly_in_onnx(tmp_path, bits):
     assert layer.row_group is not None
     report = export.onnx(layer, torch.randn(3, 64), tmp_path / "l.onnx")
     assert report["validation"]["max_rel_error"] < 1e-6
+
+
+def test_a_transformers_encoder_exports_its_last_hidden_state(tmp_path):
+    from tests.compress.prune_models import tiny_bert
+
+    model = tiny_bert()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    report = export.onnx(model, ids, tmp_path / "bert.onnx")
+    assert report["validation"]["valid"]
+    other = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+    (value,) = runtime.load(tmp_path / "bert.onnx").run({"input_ids": other.numpy()}).values()
+    with torch.no_grad():
+        ref = model(other).last_hidden_state.numpy()
+    assert value.shape == ref.shape == (3, 9, 32)
+    assert np.abs(value - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
