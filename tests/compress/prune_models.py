@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tests import user_models
 from tests.models import tiny_cnn, tiny_llama
 
 
@@ -179,6 +180,14 @@ ARCHITECTURES = {
     # called as users call it, with plain token ids: kompakt turns off the cache it returns
     "llama_plain_ids": (lambda: tiny_llama(tie=True), lambda b: (torch.randint(0, 96, (b, 6)),)),
     "bert": (tiny_bert, lambda b: {"input_ids": torch.randint(0, 64, (b, 6))}),
+    # the models tests/user_models.py builds as a user would, registered nowhere
+    **{
+        f"user:{name}": (
+            getattr(user_models, name),
+            lambda b, name=name: (user_models.INPUTS[name](b),),
+        )
+        for name in sorted(user_models.INPUTS)
+    },
 }
 
 
